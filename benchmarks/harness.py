@@ -1,0 +1,104 @@
+"""Shared benchmark harness: timing with CUDA events, the copy-bandwidth ceiling measured in the
+same run, peak extra memory, and result rows written to benchmarks/results/*.csv with the GPU,
+the commit and the date.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import statistics
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FIELDS = ["date", "commit", "gpu", "benchmark", "case", "impl", "median_us", "extra_peak_mib",
+          "limit_us", "fraction_of_limit", "vs_ours", "note"]  # fmt: skip
+
+
+def commit() -> str:
+    env_commit = os.environ.get("LORAFORGE_COMMIT")
+    if env_commit:
+        return env_commit
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def time_cuda(fn: Callable[[int], object], rotations: int, warmup: int = 10, repeat: int = 100) -> list[float]:
+    """Microseconds per call of fn(i), i cycling over `rotations` input sets so that repeated calls
+    do not read a warm L2 cache. Each call timed on its own with CUDA events; returns all times."""
+    for i in range(warmup):
+        fn(i % rotations)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    for i in range(repeat):
+        starts[i].record()
+        fn(i % rotations)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, repeat: int = 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (GB/s)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src.random_(0, 255)
+    dst = torch.empty_like(src)
+    times = time_cuda(lambda _: dst.copy_(src), rotations=1, warmup=5, repeat=repeat)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (median(times) * 1e-6) / 1e9
+
+
+def extra_peak_mib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated during fn() above what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def write_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
+    """Append rows to results/<name>.csv (and to out_dir/<name>.csv when given)."""
+    stamp = {"date": _dt.date.today().isoformat(), "commit": commit(), "gpu": gpu_name()}
+    targets = [RESULTS_DIR / f"{name}.csv"] + ([Path(out_dir) / f"{name}.csv"] if out_dir else [])
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({**stamp, **row})
+    return targets[0]
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["case", "impl", "median_us", "extra_peak_mib", "limit_us", "fraction_of_limit", "vs_ours", "note"]
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(_fmt(row.get(c, "")) for c in cols))
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

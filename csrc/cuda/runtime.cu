@@ -1,0 +1,5 @@
+#include "loraforge/kernels.h"
+
+namespace loraforge {
+bool cuda_built() { return true; }
+}  // namespace loraforge

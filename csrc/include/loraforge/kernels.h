@@ -1,0 +1,23 @@
+// Entry points of the kernels, one declaration per op and device. bindings.cpp is their only caller.
+#pragma once
+#include <cstdint>
+
+#include "loraforge/checks.h"
+#include "loraforge/nf4.h"
+
+namespace loraforge {
+
+// ---- CPU (csrc/cpu) ----
+void nf4_quantize_cpu(const void* x, DType dtype, long long n, long long blocksize, unsigned char* packed,
+                      float* absmax, int num_threads);
+void nf4_dequantize_cpu(const unsigned char* packed, const nf4::AbsmaxSource& absmax, long long n,
+                        long long blocksize, void* out, DType dtype, int num_threads);
+
+// ---- CUDA (csrc/cuda); `stream` is a cudaStream_t passed as an integer ----
+bool cuda_built();
+void nf4_quantize_cuda(const void* x, DType dtype, long long n, long long blocksize, unsigned char* packed,
+                       float* absmax, std::uintptr_t stream);
+void nf4_dequantize_cuda(const unsigned char* packed, const nf4::AbsmaxSource& absmax, long long n,
+                         long long blocksize, void* out, DType dtype, std::uintptr_t stream);
+
+}  // namespace loraforge

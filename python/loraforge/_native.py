@@ -1,0 +1,66 @@
+"""The compiled core, `loraforge._core`, and what it was built with.
+
+Everything that hands a tensor to `_core` goes through `loraforge.ops`; this module only loads the
+extension and answers whether its CUDA kernels can serve a given device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraforge import _core
+
+REBUILD_HINT = (
+    "Rebuild loraforge on a machine with the CUDA toolkit (nvcc on PATH): "
+    "pip install --no-build-isolation --force-reinstall -C cmake.define.LORAFORGE_CUDA=ON ."
+)
+
+
+def cuda_kernels_built() -> bool:
+    """True when this `_core` was compiled with its CUDA kernels."""
+    return bool(_core.cuda_built())
+
+
+def cuda_architectures() -> list[str]:
+    """The CUDA architectures `_core` holds code for, e.g. ['80-real', '90'] ('90' carries PTX too)."""
+    return [arch for arch in _core.cuda_architectures().split(",") if arch] if cuda_kernels_built() else []
+
+
+def _runs_on(capability: tuple[int, int], archs: list[str]) -> bool:
+    sm = capability[0] * 10 + capability[1]
+    for arch in archs:
+        number, _, kind = arch.partition("-")
+        digits = int("".join(ch for ch in number if ch.isdigit()) or 0)
+        if digits == sm:
+            return True
+        if kind != "real" and digits <= sm:  # PTX that the driver compiles for a newer GPU
+            return True
+    return False
+
+
+def require_cuda_kernels(device: torch.device) -> None:
+    """Raise a clear error when `_core` cannot run on `device` (a CUDA device)."""
+    if not cuda_kernels_built():
+        raise RuntimeError(f"loraforge._core was built without CUDA kernels, so it cannot run on {device}. {REBUILD_HINT}")
+    capability = torch.cuda.get_device_capability(device)
+    archs = cuda_architectures()
+    if not _runs_on(capability, archs):
+        raise RuntimeError(
+            f"loraforge._core holds CUDA code for {archs}, not for this GPU (sm_{capability[0]}{capability[1]}). "
+            f"Rebuild with -C cmake.define.LORAFORGE_CUDA_ARCHITECTURES={capability[0]}{capability[1]}. {REBUILD_HINT}"
+        )
+
+
+def stream_handle(device: torch.device) -> int:
+    """The current CUDA stream of `device`, as the integer `_core` takes."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(dtype: torch.dtype, name: str) -> int:
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dtype}") from None

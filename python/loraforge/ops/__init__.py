@@ -1,0 +1,7 @@
+"""torch.library ops, one file per op family. Importing this package registers them all.
+
+Each op has a pure-torch reference (its definition), a CPU kernel and a CUDA kernel. Code above
+ops/ calls the ops (torch.ops.loraforge.*) or the thin functions exported here, never `_core`.
+"""
+
+from loraforge.ops import nf4  # noqa: F401  (registers loraforge::nf4_*)

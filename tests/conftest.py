@@ -1,0 +1,29 @@
+import os
+
+# Triton kernels are tested on CPU through its interpreter; set before anything imports triton.
+if not os.environ.get("LORAFORGE_TEST_REAL_TRITON"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test run (printed on failure), so inputs differ between runs."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    print(f"seed = {value}")
+    return value

@@ -52,6 +52,36 @@ def time_cuda(fn: Callable[[int], object], rotations: int, warmup: int = 10, rep
     return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
 
 
+def time_cuda_graph(fn: Callable[[int], object], rotations: int, calls: int = 12, replays: int = 30) -> float:
+    """Device microseconds per call of fn(i): `calls` calls captured in one CUDA graph, the graph
+    replayed `replays` times, median replay time / calls. This measures the kernels alone, without
+    Python and launch overhead (which `time_cuda` includes when it exceeds the kernel time)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i % rotations)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % rotations)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    torch.cuda.empty_cache()
+    return median(times)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -94,7 +124,7 @@ def write_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["case", "impl", "median_us", "extra_peak_mib", "limit_us", "fraction_of_limit", "vs_ours", "note"]
+    cols = ["benchmark", "case", "impl", "median_us", "extra_peak_mib", "limit_us", "fraction_of_limit", "vs_ours", "note"]
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(_fmt(row.get(c, "")) for c in cols))

@@ -2,7 +2,7 @@
 # On the GPU machine, in one call: build loraforge for sm_90 with its CUDA kernels, run the GPU
 # tests and the benchmarks, and leave logs and result CSVs under $OUT.
 #   ../shared/tools/device-kit.sh anchors   # once, here: bitsandbytes/TRL/gguf (+ Unsloth, Liger) -> .devkit/
-#   device run: bash scripts/gpu_run.sh [pytest args...]     (carry .devkit)
+#   device run: bash benchmarks/run_gpu.sh [pytest args...]     (carry .devkit)
 set -uo pipefail
 OUT="${OUT:-$(mktemp -d)}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

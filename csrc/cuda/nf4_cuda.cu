@@ -1,11 +1,13 @@
 // NF4 dequantization and quantization on CUDA, bit-exact with bitsandbytes (rules in nf4.h).
 //
-// Dequantize is memory-bound: 0.5 byte read and 2 bytes written per bf16 element. Each thread
-// takes 16 packed bytes (one 16-byte load) = 32 elements, which always sit in one quantization
-// block (blocksize >= 32), so it decodes one absmax (double-quantized or not) in the same launch
-// and writes its outputs with 16-byte stores. The 16 levels live in shared memory: 16 distinct
-// words in 16 distinct banks, so lookups never conflict. Compiled with --fmad=false so that the
-// nested absmax is a rounded multiply then a rounded add, as bitsandbytes computes it.
+// Dequantize is memory-bound: per bf16 element 0.5 byte is read and 2 bytes are written. A
+// thread-chunk turns 4 packed bytes into 8 bf16/fp16 values (16 bytes), or 2 bytes into 4 fp32
+// values; consecutive threads take consecutive chunks, so each warp store writes 512 contiguous
+// bytes. A chunk never straddles a quantization block (blocksize >= 32), so it decodes one absmax
+// (double-quantized or not) in the same launch. Each thread issues the loads of kUnroll chunks
+// before it uses any, to keep enough bytes in flight. The 16 levels and the 256-entry nested code
+// live in shared memory. Built with --fmad=false: the nested absmax is a rounded multiply and then
+// a rounded add, as bitsandbytes computes it with two torch ops.
 //
 // Quantize runs once per weight at load time: one warp per quantization block, a warp-wide max,
 // then each lane packs pairs of elements into bytes.
@@ -13,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_check.cuh"
 #include "loraforge/kernels.h"
@@ -20,11 +23,11 @@
 namespace loraforge {
 namespace {
 
-constexpr int kDequantThreads = 256;
-constexpr int kElementsPerThread = 32;  // 16 packed bytes
+constexpr int kDequantThreads = 256;  // also the number of nested-code entries each block loads
+constexpr int kUnroll = 4;
 
-// Per output type: scalar load/store conversions, and two values packed into one 32-bit word
-// (the first at the lower address) for the 16-byte stores of 16-bit outputs.
+// Per element type: scalar conversions, and two values packed into one 32-bit word (the first at
+// the lower address) for the 16-byte stores of 16-bit outputs.
 template <typename T>
 struct Convert;
 template <>
@@ -51,71 +54,104 @@ struct Convert<__nv_bfloat16> {
   }
 };
 
-// 16 packed bytes -> 32 outputs at `out` (16-byte aligned), as 16-byte stores.
 template <typename T>
-__device__ __forceinline__ void dequantize_16_bytes(const uint4 bytes16, const float* levels, float scale,
-                                                    T* out) {
-  const unsigned int words[4] = {bytes16.x, bytes16.y, bytes16.z, bytes16.w};
+struct ChunkShape {
+  static constexpr int kElements = 16 / sizeof(T);  // 16 output bytes
+  static constexpr int kPackedBytes = kElements / 2;
+  using Packed = std::conditional_t<kPackedBytes == 4, unsigned int, unsigned short>;
+};
+
+template <typename T>
+__device__ __forceinline__ uint4 dequantize_chunk(unsigned int bytes, const float* levels, float scale) {
   if constexpr (sizeof(T) == 4) {
-    float4* dst = reinterpret_cast<float4*>(out);
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-#pragma unroll
-      for (int half_word = 0; half_word < 2; ++half_word) {
-        const unsigned int b0 = (words[w] >> (16 * half_word)) & 0xffu;
-        const unsigned int b1 = (words[w] >> (16 * half_word + 8)) & 0xffu;
-        dst[w * 2 + half_word] = make_float4(__fmul_rn(levels[b0 >> 4], scale), __fmul_rn(levels[b0 & 15], scale),
-                                             __fmul_rn(levels[b1 >> 4], scale), __fmul_rn(levels[b1 & 15], scale));
-      }
-    }
+    const unsigned int b0 = bytes & 0xffu, b1 = (bytes >> 8) & 0xffu;
+    return make_uint4(__float_as_uint(__fmul_rn(levels[b0 >> 4], scale)),
+                      __float_as_uint(__fmul_rn(levels[b0 & 15], scale)),
+                      __float_as_uint(__fmul_rn(levels[b1 >> 4], scale)),
+                      __float_as_uint(__fmul_rn(levels[b1 & 15], scale)));
   } else {
-    uint4* dst = reinterpret_cast<uint4*>(out);
+    unsigned int words[4];
 #pragma unroll
-    for (int w = 0; w < 4; w += 1) {
-      unsigned int packed_words[4];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const unsigned int byte = (words[w] >> (8 * b)) & 0xffu;
-        packed_words[b] = Convert<T>::pack2(__fmul_rn(levels[byte >> 4], scale), __fmul_rn(levels[byte & 15], scale));
-      }
-      dst[w] = make_uint4(packed_words[0], packed_words[1], packed_words[2], packed_words[3]);
+    for (int b = 0; b < 4; ++b) {
+      const unsigned int byte = (bytes >> (8 * b)) & 0xffu;
+      words[b] = Convert<T>::pack2(__fmul_rn(levels[byte >> 4], scale), __fmul_rn(levels[byte & 15], scale));
     }
+    return make_uint4(words[0], words[1], words[2], words[3]);
   }
 }
 
-__device__ __forceinline__ float decode_absmax(const nf4::AbsmaxSource& source, long long block) {
+struct BlockShifts {
+  int block_shift;   // log2(blocksize)
+  int block2_shift;  // log2(blocksize2), nested only
+};
+
+__device__ __forceinline__ float decode_absmax(const nf4::AbsmaxSource& source, const float* code2, long long block,
+                                               int block2_shift) {
   if (source.absmax != nullptr) return __ldg(source.absmax + block);
-  const float scaled = __fmul_rn(__ldg(source.code2 + __ldg(source.qabsmax + block)),
-                                 __ldg(source.absmax2 + block / source.blocksize2));
+  const float scaled =
+      __fmul_rn(code2[__ldg(source.qabsmax + block)], __ldg(source.absmax2 + (block >> block2_shift)));
   return __fadd_rn(scaled, __ldg(source.offset));
 }
 
-template <typename T>
-__global__ void nf4_dequantize_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source,
-                                      long long n, long long blocksize, T* __restrict__ out, bool vector_ok) {
-  __shared__ float levels[16];
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) levels[i] = nf4::kLevels[i];
-  }
+__device__ __forceinline__ void load_tables(const nf4::AbsmaxSource& source, float* levels, float* code2) {
+  if (threadIdx.x < 16) levels[threadIdx.x] = nf4::kLevels[threadIdx.x];
+  if (source.code2 != nullptr) code2[threadIdx.x] = __ldg(source.code2 + threadIdx.x);  // blockDim == 256
   __syncthreads();
+}
 
-  const long long chunk = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const long long first = chunk * kElementsPerThread;
-  if (first >= n) return;
-  const float scale = decode_absmax(source, first / blocksize);
+template <typename T>
+__device__ __forceinline__ void dequantize_one(const unsigned char* packed, const nf4::AbsmaxSource& source,
+                                               const float* levels, const float* code2, BlockShifts shifts,
+                                               long long i, T* out) {
+  const unsigned char byte = packed[i / 2];
+  const float scale = decode_absmax(source, code2, i >> shifts.block_shift, shifts.block2_shift);
+  out[i] = Convert<T>::store(__fmul_rn(levels[(i & 1) ? (byte & 0x0f) : (byte >> 4)], scale));
+}
 
-  if (vector_ok && first + kElementsPerThread <= n) {
-    dequantize_16_bytes<T>(*reinterpret_cast<const uint4*>(packed + first / 2), levels, scale, out + first);
-    return;
+template <typename T>
+__global__ void __launch_bounds__(kDequantThreads)
+    nf4_dequantize_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
+                          BlockShifts shifts, T* __restrict__ out) {
+  using Shape = ChunkShape<T>;
+  __shared__ float levels[16];
+  __shared__ float code2[kDequantThreads];
+  load_tables(source, levels, code2);
+
+  const long long full_chunks = n / Shape::kElements;
+  const long long tile = static_cast<long long>(blockIdx.x) * kDequantThreads * kUnroll;
+  typename Shape::Packed bytes[kUnroll];
+  float scale[kUnroll];
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const long long chunk = tile + k * kDequantThreads + threadIdx.x;
+    if (chunk < full_chunks) {
+      bytes[k] = __ldg(reinterpret_cast<const typename Shape::Packed*>(packed) + chunk);
+      scale[k] = decode_absmax(source, code2, (chunk * Shape::kElements) >> shifts.block_shift, shifts.block2_shift);
+    }
   }
-  // Tail (or an unaligned view): element by element.
-  const long long last = min(n, first + kElementsPerThread);
-  for (long long i = first; i < last; ++i) {
-    const unsigned char byte = packed[i / 2];
-    const int index = (i & 1) ? (byte & 0x0f) : (byte >> 4);
-    out[i] = Convert<T>::store(__fmul_rn(levels[index], scale));
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const long long chunk = tile + k * kDequantThreads + threadIdx.x;
+    if (chunk < full_chunks) reinterpret_cast<uint4*>(out)[chunk] = dequantize_chunk<T>(bytes[k], levels, scale[k]);
   }
+  // The last elements (fewer than one chunk), one by one, in the last block.
+  if (blockIdx.x == gridDim.x - 1) {
+    for (long long i = full_chunks * Shape::kElements + threadIdx.x; i < n; i += kDequantThreads) {
+      dequantize_one(packed, source, levels, code2, shifts, i, out);
+    }
+  }
+}
+
+// Any alignment (a view that does not start on a chunk boundary): one element per thread.
+template <typename T>
+__global__ void __launch_bounds__(kDequantThreads)
+    nf4_dequantize_unaligned_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
+                                    BlockShifts shifts, T* __restrict__ out) {
+  __shared__ float levels[16];
+  __shared__ float code2[kDequantThreads];
+  load_tables(source, levels, code2);
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) dequantize_one(packed, source, levels, code2, shifts, i, out);
 }
 
 template <typename T>
@@ -135,6 +171,7 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long long n, long l
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, offset));
   }
 
+  // bitsandbytes multiplies full blocks by a reciprocal but divides the last, partial block.
   const bool partial = end - begin < blocksize;
   const float clamped = fmaxf(block_max, nf4::kMinAbsmax);
   const float reciprocal = __frcp_rn(clamped);
@@ -155,16 +192,35 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long long n, long l
   }
 }
 
+int log2_exact(long long value, const char* name) {
+  int shift = 0;
+  while ((1LL << shift) < value) ++shift;
+  LF_CHECK((1LL << shift) == value, name, " must be a power of two, got ", value);
+  return shift;
+}
+
+unsigned int grid_for(long long items, long long per_block, long long n) {
+  const long long grid = (items + per_block - 1) / per_block;
+  LF_CHECK(grid <= 0x7fffffffLL, "tensor too large for one launch: ", n, " elements");
+  return static_cast<unsigned int>(grid);
+}
+
 template <typename T>
 void launch_dequantize(const unsigned char* packed, const nf4::AbsmaxSource& source, long long n,
                        long long blocksize, void* out, cudaStream_t stream) {
-  const long long chunks = (n + kElementsPerThread - 1) / kElementsPerThread;
-  const long long grid = (chunks + kDequantThreads - 1) / kDequantThreads;
-  LF_CHECK(grid <= 0x7fffffffLL, "tensor too large for one launch: ", n, " elements");
-  const bool vector_ok = (reinterpret_cast<std::uintptr_t>(packed) % 16 == 0) &&
-                         (reinterpret_cast<std::uintptr_t>(out) % 16 == 0);
-  nf4_dequantize_kernel<T><<<static_cast<unsigned int>(grid), kDequantThreads, 0, stream>>>(
-      packed, source, n, blocksize, static_cast<T*>(out), vector_ok);
+  using Shape = ChunkShape<T>;
+  const BlockShifts shifts{log2_exact(blocksize, "blocksize"),
+                           source.absmax != nullptr ? 0 : log2_exact(source.blocksize2, "blocksize2")};
+  const bool aligned = reinterpret_cast<std::uintptr_t>(packed) % Shape::kPackedBytes == 0 &&
+                       reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
+  if (aligned) {
+    const long long per_block = static_cast<long long>(kDequantThreads) * kUnroll * Shape::kElements;
+    nf4_dequantize_kernel<T><<<grid_for(n, per_block, n), kDequantThreads, 0, stream>>>(packed, source, n, shifts,
+                                                                                         static_cast<T*>(out));
+  } else {
+    nf4_dequantize_unaligned_kernel<T><<<grid_for(n, kDequantThreads, n), kDequantThreads, 0, stream>>>(
+        packed, source, n, shifts, static_cast<T*>(out));
+  }
   cuda_check(cudaGetLastError(), "nf4_dequantize_kernel launch");
 }
 
@@ -173,9 +229,7 @@ void launch_quantize(const void* x, long long n, long long blocksize, unsigned c
                      cudaStream_t stream) {
   constexpr int kWarps = 8;
   const long long num_blocks = (n + blocksize - 1) / blocksize;
-  const long long grid = (num_blocks + kWarps - 1) / kWarps;
-  LF_CHECK(grid <= 0x7fffffffLL, "tensor too large for one launch: ", n, " elements");
-  nf4_quantize_kernel<T><<<static_cast<unsigned int>(grid), kWarps * 32, 0, stream>>>(
+  nf4_quantize_kernel<T><<<grid_for(num_blocks, kWarps, n), kWarps * 32, 0, stream>>>(
       static_cast<const T*>(x), n, blocksize, packed, absmax, num_blocks);
   cuda_check(cudaGetLastError(), "nf4_quantize_kernel launch");
 }

@@ -6,6 +6,9 @@ extension and answers whether its CUDA kernels can serve a given device.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from loraforge import _core
@@ -40,6 +43,12 @@ def _runs_on(capability: tuple[int, int], archs: list[str]) -> bool:
 
 def require_cuda_kernels(device: torch.device) -> None:
     """Raise a clear error when `_core` cannot run on `device` (a CUDA device)."""
+    _require_cuda_kernels(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)  # the answer for a device never changes within a process
+def _require_cuda_kernels(index: int) -> None:
+    device = torch.device("cuda", index)
     if not cuda_kernels_built():
         raise RuntimeError(f"loraforge._core was built without CUDA kernels, so it cannot run on {device}. {REBUILD_HINT}")
     capability = torch.cuda.get_device_capability(device)
@@ -49,6 +58,13 @@ def require_cuda_kernels(device: torch.device) -> None:
             f"loraforge._core holds CUDA code for {archs}, not for this GPU (sm_{capability[0]}{capability[1]}). "
             f"Rebuild with -C cmake.define.LORAFORGE_CUDA_ARCHITECTURES={capability[0]}{capability[1]}. {REBUILD_HINT}"
         )
+
+
+def on_device(device: torch.device):
+    """Make `device` the current CUDA device for a launch (a no-op when it already is)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def stream_handle(device: torch.device) -> int:

@@ -38,15 +38,19 @@ def bnb_dequantize_flat(packed, state, dtype=None):
     return out.reshape(state.shape)
 
 
+def _equal(a, b):
+    return a.device == b.device and torch.equal(a, b)
+
+
 def assert_same_state(ours, theirs):
-    assert torch.equal(ours.absmax, theirs.absmax)
+    assert _equal(ours.absmax, theirs.absmax)
     assert ours.blocksize == theirs.blocksize and ours.dtype == theirs.dtype and ours.shape == theirs.shape
-    assert torch.equal(ours.code, theirs.code) and ours.quant_type == theirs.quant_type == "nf4"
+    assert _equal(ours.code, theirs.code) and ours.quant_type == theirs.quant_type == "nf4"
     assert ours.nested == theirs.nested
     if theirs.nested:
-        assert torch.equal(ours.offset, theirs.offset)
-        assert torch.equal(ours.state2.absmax, theirs.state2.absmax)
-        assert torch.equal(ours.state2.code, theirs.state2.code)
+        assert _equal(ours.offset, theirs.offset)
+        assert _equal(ours.state2.absmax, theirs.state2.absmax)
+        assert _equal(ours.state2.code, theirs.state2.code)
         assert ours.state2.blocksize == theirs.state2.blocksize
 
 
@@ -238,8 +242,9 @@ def test_cuda_matches_bitsandbytes_cuda_and_our_cpu(seed, dtype, compress):
 def _state_to(state, device):
     import copy
 
-    moved = copy.copy(state)
-    return moved.to(device) or moved
+    moved = copy.deepcopy(state)  # QuantState.to moves in place, nested state included
+    moved.to(device)
+    return moved
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@
 The rounding rules (which bitsandbytes' own reference kernel follows) are written out in
 csrc/include/loraforge/nf4.h; `*_reference` below is the same rule in plain torch, and is the
 definition the compiled kernels are tested against. The ops move integer codes, so they carry no
-autograd: a frozen base weight needs no gradient, and torch raises if one is asked of them.
+autograd: a frozen base weight needs no gradient.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from loraforge import _core, _native
+from loraforge.ops._library import define_op
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 MIN_ABSMAX = 1e-38  # bitsandbytes clamps the absmax to this before dividing by it
@@ -143,13 +144,7 @@ def nf4_dequantize_nested_reference(packed, qabsmax, code2, absmax2, offset, blo
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops. The decorated body is the default (reference) kernel; cpu and cuda get _core.
-
-
-@torch.library.custom_op("loraforge::nf4_quantize", mutates_args=())
-def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_quantize_args(x, blocksize)
-    return nf4_quantize_reference(x, blocksize)
+# Kernels behind the ops: _core on cpu and cuda; the reference above serves every other device.
 
 
 def _check_quantize_args(x: torch.Tensor, blocksize: int) -> None:
@@ -166,13 +161,12 @@ def _empty_quantize_outputs(x: torch.Tensor, blocksize: int):
     return packed, absmax
 
 
-@nf4_quantize.register_fake
-def _(x, blocksize):
-    return _empty_quantize_outputs(x, blocksize)
+def _quantize_reference(x, blocksize):
+    _check_quantize_args(x, blocksize)
+    return nf4_quantize_reference(x, blocksize)
 
 
-@nf4_quantize.register_kernel("cpu")
-def _(x, blocksize):
+def _quantize_cpu(x, blocksize):
     _check_quantize_args(x, blocksize)
     x = x.contiguous()
     packed, absmax = _empty_quantize_outputs(x, blocksize)
@@ -183,13 +177,12 @@ def _(x, blocksize):
     return packed, absmax
 
 
-@nf4_quantize.register_kernel("cuda")
-def _(x, blocksize):
+def _quantize_cuda(x, blocksize):
     _check_quantize_args(x, blocksize)
     _native.require_cuda_kernels(x.device)
     x = x.contiguous()
     packed, absmax = _empty_quantize_outputs(x, blocksize)
-    with torch.cuda.device(x.device):
+    with _native.on_device(x.device):
         _core.nf4_quantize_cuda(
             x.data_ptr(), _native.dtype_code(x.dtype, "x"), x.numel(), blocksize,
             packed.data_ptr(), absmax.data_ptr(), _native.stream_handle(x.device),
@@ -197,17 +190,13 @@ def _(x, blocksize):
     return packed, absmax
 
 
-@torch.library.custom_op("loraforge::nf4_dequantize", mutates_args=())
-def nf4_dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    _check_dequantize_args(packed, absmax, blocksize, shape, dtype)
-    return nf4_dequantize_reference(packed, absmax, blocksize, shape, dtype)
-
-
-@nf4_dequantize.register_fake
-def _(packed, absmax, blocksize, shape, dtype):
-    return packed.new_empty(tuple(shape), dtype=dtype)
+nf4_quantize = define_op(
+    "nf4_quantize(Tensor x, int blocksize) -> (Tensor packed, Tensor absmax)",
+    reference=_quantize_reference,
+    cpu=_quantize_cpu,
+    cuda=_quantize_cuda,
+    fake=_empty_quantize_outputs,
+)
 
 
 def _check_absmax_fp32(absmax: torch.Tensor) -> None:
@@ -215,8 +204,12 @@ def _check_absmax_fp32(absmax: torch.Tensor) -> None:
         raise TypeError(f"absmax must be float32, got {absmax.dtype}")
 
 
-@nf4_dequantize.register_kernel("cpu")
-def _(packed, absmax, blocksize, shape, dtype):
+def _dequantize_reference(packed, absmax, blocksize, shape, dtype):
+    _check_dequantize_args(packed, absmax, blocksize, shape, dtype)
+    return nf4_dequantize_reference(packed, absmax, blocksize, shape, dtype)
+
+
+def _dequantize_cpu(packed, absmax, blocksize, shape, dtype):
     n = _check_dequantize_args(packed, absmax, blocksize, shape, dtype)
     _check_absmax_fp32(absmax)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
@@ -227,13 +220,12 @@ def _(packed, absmax, blocksize, shape, dtype):
     return out
 
 
-@nf4_dequantize.register_kernel("cuda")
-def _(packed, absmax, blocksize, shape, dtype):
+def _dequantize_cuda(packed, absmax, blocksize, shape, dtype):
     n = _check_dequantize_args(packed, absmax, blocksize, shape, dtype)
     _check_absmax_fp32(absmax)
     _native.require_cuda_kernels(packed.device)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    with torch.cuda.device(packed.device):
+    with _native.on_device(packed.device):
         _core.nf4_dequantize_cuda(
             packed.data_ptr(), absmax.data_ptr(), n, blocksize, out.data_ptr(),
             _native.dtype_code(dtype, "dtype"), _native.stream_handle(packed.device),
@@ -241,33 +233,29 @@ def _(packed, absmax, blocksize, shape, dtype):
     return out
 
 
-@torch.library.custom_op("loraforge::nf4_dequantize_nested", mutates_args=())
-def nf4_dequantize_nested(
-    packed: torch.Tensor,
-    qabsmax: torch.Tensor,
-    code2: torch.Tensor,
-    absmax2: torch.Tensor,
-    offset: torch.Tensor,
-    blocksize: int,
-    blocksize2: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    _check_nested_args(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
-    return nf4_dequantize_nested_reference(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
-
-
-@nf4_dequantize_nested.register_fake
-def _(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+def _dequantize_fake(packed, absmax, blocksize, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+nf4_dequantize = define_op(
+    "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor",
+    reference=_dequantize_reference,
+    cpu=_dequantize_cpu,
+    cuda=_dequantize_cuda,
+    fake=_dequantize_fake,
+)
 
 
 def _nested_pointers(qabsmax, code2, absmax2, offset, blocksize2):
     return (qabsmax.data_ptr(), code2.data_ptr(), absmax2.data_ptr(), offset.data_ptr(), absmax2.numel(), blocksize2)
 
 
-@nf4_dequantize_nested.register_kernel("cpu")
-def _(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+def _nested_reference(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+    _check_nested_args(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
+    return nf4_dequantize_nested_reference(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
+
+
+def _nested_cpu(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
     n = _check_nested_args(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     _core.nf4_dequantize_nested_cpu(
@@ -277,14 +265,27 @@ def _(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dty
     return out
 
 
-@nf4_dequantize_nested.register_kernel("cuda")
-def _(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+def _nested_cuda(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
     n = _check_nested_args(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
     _native.require_cuda_kernels(packed.device)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    with torch.cuda.device(packed.device):
+    with _native.on_device(packed.device):
         _core.nf4_dequantize_nested_cuda(
             packed.data_ptr(), *_nested_pointers(qabsmax, code2, absmax2, offset, blocksize2),
             n, blocksize, out.data_ptr(), _native.dtype_code(dtype, "dtype"), _native.stream_handle(packed.device),
         )  # fmt: skip
     return out
+
+
+def _nested_fake(packed, qabsmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+nf4_dequantize_nested = define_op(
+    "nf4_dequantize_nested(Tensor packed, Tensor qabsmax, Tensor code2, Tensor absmax2, Tensor offset, "
+    "int blocksize, int blocksize2, SymInt[] shape, ScalarType dtype) -> Tensor",
+    reference=_nested_reference,
+    cpu=_nested_cpu,
+    cuda=_nested_cuda,
+    fake=_nested_fake,
+)

@@ -114,8 +114,9 @@ def _trained_backend_json(vocab_size: int) -> str:
         min_frequency=2,
         show_progress=False,
     )
-    # Paragraphs as training "documents". The trainer breaks ties between equally frequent pairs
-    # by pair id, and ids come from the sorted alphabet, so the result is the same in every run.
+    # Paragraphs as training "documents". Training is deterministic: ties between equally
+    # frequent pairs are broken by symbol id, not by hash order, so every process gets the same
+    # vocabulary (checked across interpreters with different hash seeds).
     tok.train_from_iterator(corpus_text().split("\n\n"), trainer=trainer)
 
     # Like Llama 3: prepend bos to every encoded text. ByteLevel first, with offsets untrimmed, so

@@ -23,8 +23,12 @@
 namespace loraforge {
 namespace {
 
-constexpr int kDequantThreads = 256;  // also the number of nested-code entries each block loads
-constexpr int kUnroll = 4;
+// Launch shape of the dequantize kernel, chosen with benchmarks/cuda/nf4_dequant_variants.cu on an
+// H100 (results/nf4_variants.txt): 256 threads with 2 chunks each was fastest at every size; more
+// chunks per thread, larger blocks, a persistent grid and streaming stores were all slower or equal.
+constexpr int kDequantThreads = 256;
+constexpr int kUnroll = 2;
+constexpr bool kStreamingStores = false;
 
 // Per element type: scalar conversions, and two values packed into one 32-bit word (the first at
 // the lower address) for the 16-byte stores of 16-bit outputs.
@@ -95,7 +99,9 @@ __device__ __forceinline__ float decode_absmax(const nf4::AbsmaxSource& source, 
 
 __device__ __forceinline__ void load_tables(const nf4::AbsmaxSource& source, float* levels, float* code2) {
   if (threadIdx.x < 16) levels[threadIdx.x] = nf4::kLevels[threadIdx.x];
-  if (source.code2 != nullptr) code2[threadIdx.x] = __ldg(source.code2 + threadIdx.x);  // blockDim == 256
+  if (source.code2 != nullptr) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[i] = __ldg(source.code2 + i);
+  }
   __syncthreads();
 }
 
@@ -108,35 +114,42 @@ __device__ __forceinline__ void dequantize_one(const unsigned char* packed, cons
   out[i] = Convert<T>::store(__fmul_rn(levels[(i & 1) ? (byte & 0x0f) : (byte >> 4)], scale));
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kDequantThreads)
+template <typename T, int Threads = kDequantThreads, int Unroll = kUnroll, bool Streaming = kStreamingStores>
+__global__ void __launch_bounds__(Threads)
     nf4_dequantize_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
                           BlockShifts shifts, T* __restrict__ out) {
   using Shape = ChunkShape<T>;
   __shared__ float levels[16];
-  __shared__ float code2[kDequantThreads];
+  __shared__ float code2[256];
   load_tables(source, levels, code2);
 
   const long long full_chunks = n / Shape::kElements;
-  const long long tile = static_cast<long long>(blockIdx.x) * kDequantThreads * kUnroll;
-  typename Shape::Packed bytes[kUnroll];
-  float scale[kUnroll];
+  const long long tile = static_cast<long long>(blockIdx.x) * Threads * Unroll;
+  typename Shape::Packed bytes[Unroll];
+  float scale[Unroll];
 #pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const long long chunk = tile + k * kDequantThreads + threadIdx.x;
+  for (int k = 0; k < Unroll; ++k) {
+    const long long chunk = tile + k * Threads + threadIdx.x;
     if (chunk < full_chunks) {
       bytes[k] = __ldg(reinterpret_cast<const typename Shape::Packed*>(packed) + chunk);
       scale[k] = decode_absmax(source, code2, (chunk * Shape::kElements) >> shifts.block_shift, shifts.block2_shift);
     }
   }
 #pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const long long chunk = tile + k * kDequantThreads + threadIdx.x;
-    if (chunk < full_chunks) reinterpret_cast<uint4*>(out)[chunk] = dequantize_chunk<T>(bytes[k], levels, scale[k]);
+  for (int k = 0; k < Unroll; ++k) {
+    const long long chunk = tile + k * Threads + threadIdx.x;
+    if (chunk < full_chunks) {
+      const uint4 value = dequantize_chunk<T>(bytes[k], levels, scale[k]);
+      if constexpr (Streaming) {
+        __stcs(reinterpret_cast<uint4*>(out) + chunk, value);
+      } else {
+        reinterpret_cast<uint4*>(out)[chunk] = value;
+      }
+    }
   }
   // The last elements (fewer than one chunk), one by one, in the last block.
   if (blockIdx.x == gridDim.x - 1) {
-    for (long long i = full_chunks * Shape::kElements + threadIdx.x; i < n; i += kDequantThreads) {
+    for (long long i = full_chunks * Shape::kElements + threadIdx.x; i < n; i += Threads) {
       dequantize_one(packed, source, levels, code2, shifts, i, out);
     }
   }
@@ -148,7 +161,7 @@ __global__ void __launch_bounds__(kDequantThreads)
     nf4_dequantize_unaligned_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
                                     BlockShifts shifts, T* __restrict__ out) {
   __shared__ float levels[16];
-  __shared__ float code2[kDequantThreads];
+  __shared__ float code2[256];
   load_tables(source, levels, code2);
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) dequantize_one(packed, source, levels, code2, shifts, i, out);

@@ -1,0 +1,147 @@
+// Launch-shape variants of the NF4 dequantize kernel (bf16 out, double quantization), timed side
+// by side in one process, each output compared byte for byte with the shipped shape's. Used to
+// choose kDequantThreads / kUnroll / kStreamingStores in csrc/cuda/nf4_cuda.cu.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 --fmad=false --expt-relaxed-constexpr -diag-suppress=20091 \
+//        -Icsrc/include benchmarks/cuda/nf4_dequant_variants.cu -o /tmp/nf4_variants && /tmp/nf4_variants
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "../../csrc/cuda/nf4_cuda.cu"
+
+using namespace loraforge;
+
+#define CHECK(call) cuda_check((call), #call)
+
+__global__ void fill_bytes(unsigned char* data, long long count, unsigned int salt) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count; i += (long long)gridDim.x * blockDim.x) {
+    unsigned int h = (unsigned int)i * 2654435761u ^ salt;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+    data[i] = (unsigned char)h;
+  }
+}
+
+__global__ void fill_floats(float* data, long long count, float scale, unsigned int salt) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count; i += (long long)gridDim.x * blockDim.x) {
+    unsigned int h = (unsigned int)i * 2654435761u ^ salt;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+    data[i] = scale * ((h & 0xffffff) / 16777216.0f - 0.5f);
+  }
+}
+
+struct Inputs {
+  unsigned char* packed;
+  unsigned char* qabsmax;
+  float* absmax2;
+  nf4::AbsmaxSource source;
+};
+
+constexpr int kSets = 3;
+
+template <int Threads, int Unroll, bool Streaming>
+float time_variant(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
+  const long long per_block = (long long)Threads * Unroll * 8;
+  const unsigned int grid = (unsigned int)((n + per_block - 1) / per_block);
+  const BlockShifts shifts{6, 8};
+  auto launch = [&](int i) {
+    const Inputs& in = sets[i % kSets];
+    nf4_dequantize_kernel<__nv_bfloat16, Threads, Unroll, Streaming><<<grid, Threads>>>(in.packed, in.source, n, shifts,
+                                                                                       outs[i % kSets]);
+  };
+  for (int i = 0; i < 6; ++i) launch(i);
+  CHECK(cudaGetLastError());
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  CHECK(cudaEventRecord(start));
+  for (int i = 0; i < reps; ++i) launch(i);
+  CHECK(cudaEventRecord(stop));
+  CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  return ms * 1000.0f / reps;
+}
+
+int main() {
+  const long long shapes[][2] = {{14336, 4096}, {4096, 4096}, {128256, 4096}};
+  // Copy ceiling: 2 GiB device-to-device, bytes read + written.
+  {
+    const size_t bytes = 2ull << 30;
+    void *a, *b;
+    CHECK(cudaMalloc(&a, bytes));
+    CHECK(cudaMalloc(&b, bytes));
+    CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    cudaEvent_t s, e;
+    cudaEventCreate(&s);
+    cudaEventCreate(&e);
+    cudaEventRecord(s);
+    for (int i = 0; i < 10; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e);
+    cudaEventSynchronize(e);
+    float ms;
+    cudaEventElapsedTime(&ms, s, e);
+    std::printf("copy: %.0f GB/s (read + write)\n", 2.0 * bytes * 10 / (ms * 1e-3) / 1e9);
+    cudaFree(a);
+    cudaFree(b);
+  }
+  for (auto& shape : shapes) {
+    const long long n = shape[0] * shape[1], blocks = n / 64, groups = (blocks + 255) / 256;
+    std::vector<Inputs> sets(kSets);
+    float *code2, *offset;
+    CHECK(cudaMalloc(&code2, 256 * 4));
+    CHECK(cudaMalloc(&offset, 4));
+    fill_floats<<<1, 256>>>(code2, 256, 2.0f, 7);
+    fill_floats<<<1, 1>>>(offset, 1, 0.1f, 9);
+    __nv_bfloat16* outs[kSets];
+    for (int s = 0; s < kSets; ++s) {
+      CHECK(cudaMalloc(&sets[s].packed, n / 2));
+      CHECK(cudaMalloc(&sets[s].qabsmax, blocks));
+      CHECK(cudaMalloc(&sets[s].absmax2, groups * 4));
+      CHECK(cudaMalloc(&outs[s], n * 2));
+      fill_bytes<<<1024, 256>>>(sets[s].packed, n / 2, 11 + s);
+      fill_bytes<<<1024, 256>>>(sets[s].qabsmax, blocks, 21 + s);
+      fill_floats<<<256, 256>>>(sets[s].absmax2, groups, 0.05f, 31 + s);
+      sets[s].source.qabsmax = sets[s].qabsmax;
+      sets[s].source.code2 = code2;
+      sets[s].source.absmax2 = sets[s].absmax2;
+      sets[s].source.offset = offset;
+      sets[s].source.blocksize2 = 256;
+    }
+    CHECK(cudaDeviceSynchronize());
+    std::vector<unsigned char> reference(n * 2), candidate(n * 2);
+    auto output_of_set0 = [&](std::vector<unsigned char>& host) {
+      CHECK(cudaDeviceSynchronize());
+      CHECK(cudaMemcpy(host.data(), outs[0], n * 2, cudaMemcpyDeviceToHost));
+    };
+    const int reps = 60;
+    std::printf("%lldx%lld:\n", shape[0], shape[1]);
+    auto report = [&](const char* name, float us) {
+      output_of_set0(candidate);
+      const bool same = std::memcmp(candidate.data(), reference.data(), n * 2) == 0;
+      std::printf("  %-28s %8.2f us  %s\n", name, us, same ? "same bytes" : "DIFFERENT BYTES");
+    };
+    time_variant<256, 4, false>(sets, n, outs, 3);  // the first shape tried is the byte reference
+    output_of_set0(reference);
+    report("threads 256 unroll 4", time_variant<256, 4, false>(sets, n, outs, reps));
+    report("threads 256 unroll 2", time_variant<256, 2, false>(sets, n, outs, reps));
+    report("threads 256 unroll 8", time_variant<256, 8, false>(sets, n, outs, reps));
+    report("threads 128 unroll 4", time_variant<128, 4, false>(sets, n, outs, reps));
+    report("threads 512 unroll 4", time_variant<512, 4, false>(sets, n, outs, reps));
+    report("threads 512 unroll 2", time_variant<512, 2, false>(sets, n, outs, reps));
+    report("threads 1024 unroll 2", time_variant<1024, 2, false>(sets, n, outs, reps));
+    report("threads 256 unroll 4 stcs", time_variant<256, 4, true>(sets, n, outs, reps));
+    report("threads 256 unroll 8 stcs", time_variant<256, 8, true>(sets, n, outs, reps));
+    report("threads 512 unroll 4 stcs", time_variant<512, 4, true>(sets, n, outs, reps));
+    report("threads 256 unroll 4 (again)", time_variant<256, 4, false>(sets, n, outs, reps));
+    for (int s = 0; s < kSets; ++s) {
+      cudaFree(sets[s].packed);
+      cudaFree(sets[s].qabsmax);
+      cudaFree(sets[s].absmax2);
+      cudaFree(outs[s]);
+    }
+    cudaFree(code2);
+    cudaFree(offset);
+  }
+  return 0;
+}

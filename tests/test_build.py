@@ -70,3 +70,23 @@ def test_cli_demo_runs(capsys):
     assert "bit-exact with bitsandbytes: True" in out and "loss" in out
     with pytest.raises(SystemExit):
         cli.main(["demo", "--steps", "0"])
+
+
+def test_cuda_on_without_nvcc_is_a_configure_error(tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmake = shutil.which("cmake")
+    if cmake is None or not (root / "CMakeLists.txt").exists():
+        pytest.skip("needs cmake and the source tree")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_PATH", "CUDA_HOME")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not Path(p, "nvcc").exists())
+    env["CUDA_PATH"] = str(tmp_path / "no-cuda")
+    if shutil.which("nvcc", path=env["PATH"]) is not None:
+        pytest.skip("nvcc could not be hidden")
+    result = subprocess.run([cmake, "-S", str(root), "-B", str(tmp_path / "build"), "-DLORAFORGE_CUDA=ON"],
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert "LORAFORGE_CUDA=ON but no CUDA compiler was found" in result.stdout + result.stderr

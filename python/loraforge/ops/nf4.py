@@ -14,7 +14,6 @@ autograd: a frozen base weight needs no gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 

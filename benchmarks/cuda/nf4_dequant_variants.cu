@@ -39,14 +39,14 @@ struct Inputs {
 
 constexpr int kSets = 3;
 
-template <int Threads, int Unroll, bool Streaming>
+template <int Threads, int Unroll, bool Streaming, bool LoadsFirst = true>
 float time_variant(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
   const long long per_block = (long long)Threads * Unroll * 8;
   const unsigned int grid = (unsigned int)((n + per_block - 1) / per_block);
   const BlockShifts shifts{6, 8};
   auto launch = [&](int i) {
     const Inputs& in = sets[i % kSets];
-    nf4_dequantize_kernel<__nv_bfloat16, Threads, Unroll, Streaming><<<grid, Threads>>>(in.packed, in.source, n, shifts,
+    nf4_dequantize_kernel<__nv_bfloat16, Threads, Unroll, Streaming, LoadsFirst><<<grid, Threads>>>(in.packed, in.source, n, shifts,
                                                                                        outs[i % kSets]);
   };
   for (int i = 0; i < 6; ++i) launch(i);
@@ -124,6 +124,10 @@ int main() {
     time_variant<256, 4, false>(sets, n, outs, 3);  // the first shape tried is the byte reference
     output_of_set0(reference);
     report("threads 256 unroll 4", time_variant<256, 4, false>(sets, n, outs, reps));
+    report("tables first 256/2", time_variant<256, 2, false, false>(sets, n, outs, reps));
+    report("tables first 256/4", time_variant<256, 4, false, false>(sets, n, outs, reps));
+    report("threads 128 unroll 2", time_variant<128, 2, false>(sets, n, outs, reps));
+    report("threads 256 unroll 1", time_variant<256, 1, false>(sets, n, outs, reps));
     report("threads 256 unroll 2", time_variant<256, 2, false>(sets, n, outs, reps));
     report("threads 256 unroll 8", time_variant<256, 8, false>(sets, n, outs, reps));
     report("threads 128 unroll 4", time_variant<128, 4, false>(sets, n, outs, reps));

@@ -29,6 +29,7 @@ namespace {
 constexpr int kDequantThreads = 256;
 constexpr int kUnroll = 2;
 constexpr bool kStreamingStores = false;
+constexpr bool kLoadsBeforeTables = true;
 
 // Per element type: scalar conversions, and two values packed into one 32-bit word (the first at
 // the lower address) for the 16-byte stores of 16-bit outputs.
@@ -43,18 +44,18 @@ template <>
 struct Convert<__half> {
   __device__ static float load(__half v) { return __half2float(v); }
   __device__ static __half store(float v) { return __float2half_rn(v); }
-  __device__ static unsigned int pack2(float first, float second) {
-    return static_cast<unsigned int>(__half_as_ushort(__float2half_rn(first))) |
-           (static_cast<unsigned int>(__half_as_ushort(__float2half_rn(second))) << 16);
+  __device__ static unsigned int pack2(float first, float second) {  // .x (low half) = first, both RNE
+    const __half2 pair = __floats2half2_rn(first, second);
+    return *reinterpret_cast<const unsigned int*>(&pair);
   }
 };
 template <>
 struct Convert<__nv_bfloat16> {
   __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-  __device__ static unsigned int pack2(float first, float second) {
-    return static_cast<unsigned int>(__bfloat16_as_ushort(__float2bfloat16_rn(first))) |
-           (static_cast<unsigned int>(__bfloat16_as_ushort(__float2bfloat16_rn(second))) << 16);
+  __device__ static unsigned int pack2(float first, float second) {  // .x (low half) = first, both RNE
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(first, second);
+    return *reinterpret_cast<const unsigned int*>(&pair);
   }
 };
 
@@ -114,32 +115,47 @@ __device__ __forceinline__ void dequantize_one(const unsigned char* packed, cons
   out[i] = Convert<T>::store(__fmul_rn(levels[(i & 1) ? (byte & 0x0f) : (byte >> 4)], scale));
 }
 
-template <typename T, int Threads = kDequantThreads, int Unroll = kUnroll, bool Streaming = kStreamingStores>
+template <typename T, int Threads = kDequantThreads, int Unroll = kUnroll, bool Streaming = kStreamingStores,
+          bool LoadsFirst = kLoadsBeforeTables>
 __global__ void __launch_bounds__(Threads)
     nf4_dequantize_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
                           BlockShifts shifts, T* __restrict__ out) {
   using Shape = ChunkShape<T>;
   __shared__ float levels[16];
   __shared__ float code2[256];
-  load_tables(source, levels, code2);
+  if constexpr (!LoadsFirst) load_tables(source, levels, code2);
 
   const long long full_chunks = n / Shape::kElements;
   const long long tile = static_cast<long long>(blockIdx.x) * Threads * Unroll;
+  const bool nested = source.absmax == nullptr;
+  // Global loads first: packed bytes, and the absmax (plain) or its 8-bit index and group scale
+  // (nested). Only then the shared tables, so their latency overlaps these loads.
   typename Shape::Packed bytes[Unroll];
-  float scale[Unroll];
+  float absmax_or_scale2[Unroll];
+  unsigned char qabsmax[Unroll];
 #pragma unroll
   for (int k = 0; k < Unroll; ++k) {
     const long long chunk = tile + k * Threads + threadIdx.x;
     if (chunk < full_chunks) {
       bytes[k] = __ldg(reinterpret_cast<const typename Shape::Packed*>(packed) + chunk);
-      scale[k] = decode_absmax(source, code2, (chunk * Shape::kElements) >> shifts.block_shift, shifts.block2_shift);
+      const long long block = (chunk * Shape::kElements) >> shifts.block_shift;
+      if (nested) {
+        qabsmax[k] = __ldg(source.qabsmax + block);
+        absmax_or_scale2[k] = __ldg(source.absmax2 + (block >> shifts.block2_shift));
+      } else {
+        absmax_or_scale2[k] = __ldg(source.absmax + block);
+      }
     }
   }
+  const float offset = nested ? __ldg(source.offset) : 0.0f;
+  if constexpr (LoadsFirst) load_tables(source, levels, code2);
 #pragma unroll
   for (int k = 0; k < Unroll; ++k) {
     const long long chunk = tile + k * Threads + threadIdx.x;
     if (chunk < full_chunks) {
-      const uint4 value = dequantize_chunk<T>(bytes[k], levels, scale[k]);
+      const float scale =
+          nested ? __fadd_rn(__fmul_rn(code2[qabsmax[k]], absmax_or_scale2[k]), offset) : absmax_or_scale2[k];
+      const uint4 value = dequantize_chunk<T>(bytes[k], levels, scale);
       if constexpr (Streaming) {
         __stcs(reinterpret_cast<uint4*>(out) + chunk, value);
       } else {

@@ -23,8 +23,15 @@ def define_op(
     cpu: Callable | None,
     cuda: Callable | None,
     fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
 ) -> Callable:
-    """Declare loraforge::<schema> and return its OpOverloadPacket (torch.ops.loraforge.<name>)."""
+    """Declare loraforge::<schema> and return its OpOverloadPacket (torch.ops.loraforge.<name>).
+
+    With `backward` and `setup_context`, autograd is registered on the op itself
+    (torch.library.register_autograd), so it differentiates the same way eager and compiled.
+    The backward may itself call other loraforge ops (e.g. a `<name>_backward` op).
+    """
     name = LIB.define(schema)
     LIB.impl(name, reference, "CompositeExplicitAutograd")
     if cpu is not None:
@@ -32,4 +39,6 @@ def define_op(
     if cuda is not None:
         LIB.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"loraforge::{name}", fake, lib=LIB)
+    if backward is not None:
+        torch.library.register_autograd(f"loraforge::{name}", backward, setup_context=setup_context, lib=LIB)
     return getattr(torch.ops.loraforge, name)

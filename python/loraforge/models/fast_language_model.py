@@ -1,0 +1,158 @@
+"""FastLanguageModel: the Unsloth-style entry point (from_pretrained, get_peft_model, for_training,
+for_inference), built on transformers, bitsandbytes and PEFT containers with loraforge's fused
+forwards installed by rule table (patch.py).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from loraforge.models import patch as _patch
+from loraforge.models.architectures import RULES
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_bfloat16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _pick_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None, got {dtype}")
+        return dtype
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if is_bfloat16_supported() else torch.float16
+
+
+def _max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+class FastLanguageModel:
+    @staticmethod
+    def from_pretrained(
+        model_name: str | os.PathLike,
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | None = None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map: str | dict | None = "auto",
+        rope_scaling: dict | None = None,
+        fix_tokenizer: bool = True,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ):
+        """Load (model, tokenizer). 4-bit loads quantize Linear layers to NF4 with loraforge's kernel
+        (bitsandbytes format); a checkpoint that is already bitsandbytes-4-bit loads as it is."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if load_in_8bit:
+            raise NotImplementedError("load_in_8bit is not supported yet; use load_in_4bit=True or 16-bit")
+        if full_finetuning and load_in_4bit:
+            warnings.warn("full_finetuning=True trains every weight: loading in 16-bit instead of 4-bit", stacklevel=2)
+            load_in_4bit = False
+        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        compute_dtype = _pick_dtype(dtype)
+        config = AutoConfig.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
+        if rope_scaling is not None:
+            config.rope_scaling = rope_scaling
+        trained = _max_positions(config)
+        if trained is not None and max_seq_length > trained and getattr(config, "rope_scaling", None) is None:
+            raise ValueError(f"max_seq_length={max_seq_length} is beyond the {trained} positions this model was "
+                             "trained for; pass rope_scaling={'rope_type': 'linear', 'factor': ...} (or dynamic/yarn)")
+        if config.model_type not in RULES:
+            warnings.warn(f"model_type={config.model_type!r} has no loraforge fast path; it trains through plain PEFT",
+                          stacklevel=2)  # fmt: skip
+        prequantized = getattr(config, "quantization_config", None) is not None
+        device = "cuda" if torch.cuda.is_available() and device_map is not None else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name, config=config, dtype=compute_dtype, token=token, trust_remote_code=trust_remote_code,
+            **({"device_map": device_map} if prequantized and device_map is not None else {}), **kwargs,
+        )  # fmt: skip
+        if not prequantized:
+            model.to(device)
+            if load_in_4bit:
+                from loraforge.models.quantize_model import quantize_linears
+
+                quantize_linears(model, compute_dtype)
+        model.max_seq_length = max_seq_length
+        for param in model.parameters():
+            param.requires_grad_(full_finetuning)
+        tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
+        if fix_tokenizer and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.model_max_length = max_seq_length
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        r: int = 16,
+        target_modules=DEFAULT_TARGETS,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing="unsloth",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        loftq_config=None,
+        modules_to_save=None,
+        init_lora_weights=True,
+        **kwargs,
+    ):
+        """Attach LoRA adapters (a PEFT LoraModel underneath) and install the fused forwards."""
+        from peft import LoraConfig, get_peft_model
+
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if lora_dropout < 0 or lora_dropout >= 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise ValueError(f"target_modules {unknown} are not modules of this model; it has e.g. "
+                             f"{sorted(n for n in names if n.endswith('_proj'))}")  # fmt: skip
+        if loftq_config:
+            raise NotImplementedError("loftq_config is not supported yet")
+        if lora_dropout > 0 or bias != "none":
+            warnings.warn("lora_dropout > 0 or a LoRA bias: those projections take PEFT's unfused path", stacklevel=2)
+        if use_gradient_checkpointing == "unsloth":
+            warnings.warn('use_gradient_checkpointing="unsloth" (offloaded) is not implemented yet; using ordinary '
+                          "gradient checkpointing", stacklevel=2)  # fmt: skip
+        torch.manual_seed(random_state)
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout,
+                            bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save,
+                            init_lora_weights=init_lora_weights, task_type="CAUSAL_LM", **kwargs)  # fmt: skip
+        peft_model = get_peft_model(model, config)
+        if use_gradient_checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft_model.enable_input_require_grads()
+        _patch.patch_model(peft_model)
+        return peft_model
+
+    @staticmethod
+    def for_inference(model):
+        model.eval()
+        if hasattr(model, "config"):
+            model.config.use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing: bool = True):
+        model.train()
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        return model
+
+    patch = staticmethod(_patch.patch_model)
+    unpatch = staticmethod(_patch.unpatch_model)

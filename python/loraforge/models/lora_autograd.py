@@ -1,0 +1,173 @@
+"""Fused LoRA forward and backward for one projection, for Q/K/V together, and for the gated MLP.
+
+Notation, for one projection with frozen base weight W [o, i] (16-bit or NF4), adapters
+A [r, i], B [o, r] and scaling s; input X [n, i] (tokens flattened):
+
+    H = X A^T            [n, r]
+    Y = X W^T + s H B^T  [n, o]          (+ b, the base bias, when the layer has one)
+
+Given dY [n, o]:
+
+    dB = s dY^T H                        [o, r]
+    dH = s dY B                          [n, r]
+    dA = dH^T X                          [r, i]
+    dX = dY W + dH A                     [n, i]
+
+We save X (needed for dA) and recompute H = X A^T in backward (n*r*i FLOPs, cheap next to the
+base matmul); W is re-materialised in backward (NF4 weights are dequantized again) rather than
+saved, so a layer keeps only its input alive between forward and backward.
+
+Q/K/V share X: the three projections are one function so X is saved once and dX is accumulated
+from the three in one place.
+
+Gated MLP (Llama/Mistral/Qwen: SwiGLU; Gemma: GeGLU with tanh GELU), each of gate/up/down a LoRA
+projection as above:
+
+    G = proj_g(X), U = proj_u(X), Hm = act(G) * U, Out = proj_d(Hm)
+
+Backward from dOut: dHm from proj_d's rule (with its input Hm, recomputed from the saved G and U),
+then dG = dHm * U * act'(G) and dU = dHm * act(G), then proj_g's and proj_u's rules with input X,
+dX summed over both. Saved: X, G, U (G and U are needed for act'(G); Hm is recomputed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loraforge.models.base_weight import base_bias, dense_weight
+
+
+class LoRAProjection:
+    """What the fused functions need of one PEFT LoRA-wrapped Linear: base layer, A, B, scaling."""
+
+    __slots__ = ("base", "A", "B", "scaling")
+
+    def __init__(self, base: torch.nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float):
+        self.base, self.A, self.B, self.scaling = base, A, B, scaling
+
+
+def _forward(proj: LoRAProjection, x: torch.Tensor) -> torch.Tensor:
+    y = x @ dense_weight(proj.base, x.dtype).t()
+    bias = base_bias(proj.base)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    if proj.A is not None:
+        y = y.addmm_((x @ proj.A.to(x.dtype).t()), proj.B.to(x.dtype).t(), alpha=proj.scaling)
+    return y
+
+
+def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None):
+    """Returns (dX (accumulated into dx when given), dA, dB)."""
+    w = dense_weight(proj.base, dy.dtype)
+    grad_x = dy @ w if dx is None else dx.addmm_(dy, w)
+    del w
+    if proj.A is None:
+        return grad_x, None, None
+    a, b, s = proj.A.to(dy.dtype), proj.B.to(dy.dtype), proj.scaling
+    h = x @ a.t()
+    grad_b = (dy.t() @ h).mul_(s)
+    grad_h = (dy @ b).mul_(s)
+    grad_a = grad_h.t() @ x
+    grad_x.addmm_(grad_h, a)
+    return grad_x, grad_a.to(proj.A.dtype), grad_b.to(proj.B.dtype)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Y = X W^T + s (X A^T) B^T for one projection (used for the output projection)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, proj: LoRAProjection):
+        ctx.proj = proj
+        ctx.save_for_backward(x)
+        return _forward(proj, _flat(x)).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx, da, db = _backward(ctx.proj, _flat(x), _flat(dy), None)
+        return dx.view_as(x), da, db, None
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """Q, K, V = three LoRA projections of the same X, with X saved once."""
+
+    @staticmethod
+    def forward(ctx, x, qA, qB, kA, kB, vA, vB, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
+        ctx.projs = (q, k, v)
+        ctx.save_for_backward(x)
+        flat = _flat(x)
+        return tuple(_forward(p, flat).view(*x.shape[:-1], -1) for p in (q, k, v))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (x,) = ctx.saved_tensors
+        flat = _flat(x)
+        dx = None
+        grads = []
+        for proj, dy in zip(ctx.projs, (dq, dk, dv)):
+            dx, da, db = _backward(proj, flat, _flat(dy), dx)
+            grads += [da, db]
+        return (dx.view_as(x), *grads, None, None, None)
+
+
+def _act(gate: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "silu":
+        return torch.nn.functional.silu(gate)
+    return torch.nn.functional.gelu(gate, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _act_and_grad(gate: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(gate) and act'(gate), in fp32."""
+    g = gate.float()
+    if kind == "silu":
+        sig = torch.sigmoid(g)
+        return g * sig, sig * (1 + g * (1 - sig))
+    if kind == "gelu_tanh":
+        k = math.sqrt(2 / math.pi)
+        inner = k * (g + 0.044715 * g**3)
+        t = torch.tanh(inner)
+        act = 0.5 * g * (1 + t)
+        grad = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * 0.044715 * g * g)
+        return act, grad
+    cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    return g * cdf, cdf + g * pdf
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """Out = down(act(gate(X)) * up(X)), each projection with LoRA, backward by hand."""
+
+    @staticmethod
+    def forward(ctx, x, gA, gB, uA, uB, dA, dB, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
+                activation: str):  # fmt: skip
+        flat = _flat(x)
+        g = _forward(gate, flat)
+        u = _forward(up, flat)
+        h = _act(g, activation) * u
+        out = _forward(down, h)
+        ctx.projs, ctx.activation = (gate, up, down), activation
+        ctx.save_for_backward(x, g, u)
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, g, u = ctx.saved_tensors
+        gate, up, down = ctx.projs
+        act, act_grad = _act_and_grad(g, ctx.activation)
+        h = (act * u.float()).to(g.dtype)
+        dh, d_dA, d_dB = _backward(down, h, _flat(dout), None)
+        del h
+        dh = dh.float()
+        dg = (dh * u.float() * act_grad).to(g.dtype)
+        du = (dh * act).to(g.dtype)
+        del dh, act, act_grad
+        flat = _flat(x)
+        dx, d_gA, d_gB = _backward(gate, flat, dg, None)
+        dx, d_uA, d_uB = _backward(up, flat, du, dx)
+        return dx.view_as(x), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None

@@ -1,0 +1,99 @@
+"""Install and remove loraforge's fused forwards on a (PEFT-wrapped) model, by rule table.
+
+Patching sets a `forward` attribute on module *instances*; the classes are never touched, no
+library source is rewritten, and `unpatch` deletes the attributes to restore the originals. A
+module whose LoRA setup the fused path does not cover (dropout > 0, a bias on the adapter, DoRA,
+several active adapters, merged weights) keeps its PEFT forward for that call: correctness first.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+
+from loraforge.models.architectures import RULES, activation_of
+from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
+
+_PATCHED = "_loraforge_patched"
+
+
+def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
+    """The fused-path view of a projection, or None when it must take PEFT's own forward."""
+    if not hasattr(module, "lora_A"):  # a plain (possibly 4-bit) Linear: base only
+        return LoRAProjection(module, None, None, 0.0) if hasattr(module, "weight") else None
+    if getattr(module, "merged", False):
+        return None
+    base = module.get_base_layer()
+    if getattr(module, "disable_adapters", False):
+        return LoRAProjection(base, None, None, 0.0)
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1:
+        return LoRAProjection(base, None, None, 0.0) if not active else None
+    name = active[0]
+    dropout = module.lora_dropout[name]
+    if not isinstance(dropout, torch.nn.Identity) and not (isinstance(dropout, torch.nn.Dropout) and dropout.p == 0):
+        return None
+    if getattr(module, "use_dora", {}).get(name, False) or getattr(module.lora_B[name], "bias", None) is not None:
+        return None
+    return LoRAProjection(base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+
+
+def _fused_linear_forward(self, x, *args, **kwargs):
+    proj = lora_projection(self)
+    if proj is None or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    A = proj.A if proj.A is not None else None
+    B = proj.B if proj.B is not None else None
+    result = LoRALinearFunction.apply(x, A, B, proj)
+    return result
+
+
+def _make_mlp_forward(names: tuple[str, str, str], activation: str):
+    def forward(self, x):
+        projs = [lora_projection(getattr(self, name)) for name in names]
+        if any(p is None for p in projs):
+            return type(self).forward(self, x)
+        gate, up, down = projs
+        return LoRAMLPFunction.apply(x, gate.A, gate.B, up.A, up.B, down.A, down.B, gate, up, down, activation)
+
+    return forward
+
+
+def patch_model(model: torch.nn.Module) -> bool:
+    """Install the fused forwards; returns False (with a warning) for an unknown architecture."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    rules = RULES.get(model_type)
+    if rules is None:
+        warnings.warn(f"loraforge has no fast path for model_type={model_type!r}; training through plain PEFT. "
+                      f"Fast paths exist for: {', '.join(RULES)}", stacklevel=2)  # fmt: skip
+        return False
+    activation = activation_of(config, rules.activation)
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == rules.mlp_class and activation in ("silu", "gelu_tanh", "gelu"):
+            module.forward = types.MethodType(_make_mlp_forward(rules.mlp_projections, activation), module)
+            setattr(module, _PATCHED, True)
+            count += 1
+        for name in rules.attention_projections:
+            child = getattr(module, name, None)
+            if isinstance(child, torch.nn.Module) and not getattr(child, _PATCHED, False):
+                child.forward = types.MethodType(_fused_linear_forward, child)
+                setattr(child, _PATCHED, True)
+    if count == 0:
+        raise ValueError(f"model_type={model_type!r} but no {rules.mlp_class} module was found: nothing to patch")
+    return True
+
+
+def unpatch_model(model: torch.nn.Module) -> None:
+    """Remove every fused forward that patch_model installed."""
+    for module in model.modules():
+        if getattr(module, _PATCHED, False):
+            module.__dict__.pop("forward", None)
+            delattr(module, _PATCHED)
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return any(getattr(m, _PATCHED, False) for m in model.modules())

@@ -1,0 +1,103 @@
+"""FastLanguageModel with fused LoRA against plain transformers + PEFT on the same weights."""
+
+import pytest
+import torch
+
+from loraforge import testing
+from loraforge.models import FastLanguageModel
+from loraforge.models import patch as lf_patch
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: testing.save_tiny_model(root / arch, arch=arch, seed=3) for arch in testing.ARCHITECTURES}
+
+
+def _pair(path, load_in_4bit, seed):
+    """The same weights and adapters twice: one patched (ours), one unpatched (plain PEFT)."""
+    models = []
+    for _ in range(2):
+        model, tokenizer = FastLanguageModel.from_pretrained(path, load_in_4bit=load_in_4bit, dtype=torch.float32)
+        with pytest.warns(UserWarning, match="unsloth"):
+            model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=seed,
+                                                     init_lora_weights=False,
+                                                     use_gradient_checkpointing="unsloth")  # fmt: skip
+        models.append(model)
+    ours, plain = models
+    lf_patch.unpatch_model(plain)
+    assert lf_patch.is_patched(ours) and not lf_patch.is_patched(plain)
+    return ours, plain, tokenizer
+
+
+def _loss_and_grads(model, batch):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("arch", testing.ARCHITECTURES)
+@pytest.mark.parametrize("load_in_4bit", (True, False))
+def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, seed):
+    ours, plain, tokenizer = _pair(saved_models[arch], load_in_4bit, seed % 1000)
+    batch = tokenizer(["The cat sat on the warm mat.", "Rain falls softly on the roof today"],
+                      return_tensors="pt", padding=True)  # fmt: skip
+    loss_ours, grads_ours = _loss_and_grads(ours, batch)
+    loss_plain, grads_plain = _loss_and_grads(plain, batch)
+    assert torch.allclose(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)
+    assert grads_ours.keys() == grads_plain.keys() and len(grads_ours) > 0
+    assert all("lora_" in name for name in grads_ours)
+    for name in grads_ours:
+        torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_follows_the_same_loss_curve(saved_models, seed):
+    ours, plain, tokenizer = _pair(saved_models["llama"], True, seed % 1000)
+    batch = tokenizer(["Tomatoes are red and the sky is blue."], return_tensors="pt")
+    curves = []
+    for model in (ours, plain):
+        # eps=1e-6: Adam's first steps turn near-zero gradients into full-size updates, which would
+        # amplify float-rounding differences between two correct implementations into noise.
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, eps=1e-6)
+        losses = []
+        for _ in range(30):
+            loss = model(**batch, labels=batch["input_ids"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves.append(losses)
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=2e-3, atol=1e-3)
+    assert curves[0][-1] < 0.95 * curves[0][0]
+
+
+def test_generation_with_adapters_and_unpatch(saved_models):
+    model, tokenizer = FastLanguageModel.from_pretrained(saved_models["qwen3"], dtype=torch.float32)
+    with pytest.warns(UserWarning):
+        model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
+    FastLanguageModel.for_inference(model)
+    batch = tokenizer(["Hello"], return_tensors="pt")
+    with torch.no_grad():
+        fused = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        FastLanguageModel.unpatch(model)
+        plain = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fused, plain)
+
+
+def test_bad_input(saved_models):
+    path = saved_models["llama"]
+    with pytest.raises(ValueError, match="max_seq_length"):
+        FastLanguageModel.from_pretrained(path, max_seq_length=100_000)
+    with pytest.raises(TypeError, match="dtype"):
+        FastLanguageModel.from_pretrained(path, dtype=torch.int8)
+    model, _ = FastLanguageModel.from_pretrained(path, load_in_4bit=False)
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        FastLanguageModel.get_peft_model(model, r=0)
+    with pytest.raises(ValueError, match="target_modules"):
+        FastLanguageModel.get_peft_model(model, target_modules=["not_a_proj"])

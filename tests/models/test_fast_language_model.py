@@ -101,3 +101,9 @@ def test_bad_input(saved_models):
         FastLanguageModel.get_peft_model(model, r=0)
     with pytest.raises(ValueError, match="target_modules"):
         FastLanguageModel.get_peft_model(model, target_modules=["not_a_proj"])
+
+
+def test_rope_scaling_allows_a_longer_context(saved_models):
+    model, tokenizer = FastLanguageModel.from_pretrained(saved_models["llama"], max_seq_length=1024, dtype=torch.float32,
+                                                         rope_scaling={"rope_type": "linear", "factor": 4.0})  # fmt: skip
+    assert model.config.rope_parameters["rope_type"] == "linear" and tokenizer.model_max_length == 1024

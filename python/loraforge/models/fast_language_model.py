@@ -34,11 +34,18 @@ def _max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def _rope_is_scaled(config) -> bool:
+    """transformers 5 keeps rope settings in rope_parameters (rope_scaling is its alias); the
+    'default' type means no scaling."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) not in ("default", None)
+
+
 class FastLanguageModel:
     @staticmethod
     def from_pretrained(
         model_name: str | os.PathLike,
-        max_seq_length: int = 2048,
+        max_seq_length: int | None = None,
         dtype: torch.dtype | None = None,
         load_in_4bit: bool = True,
         load_in_8bit: bool = False,
@@ -51,7 +58,10 @@ class FastLanguageModel:
         **kwargs,
     ):
         """Load (model, tokenizer). 4-bit loads quantize Linear layers to NF4 with loraforge's kernel
-        (bitsandbytes format); a checkpoint that is already bitsandbytes-4-bit loads as it is."""
+        (bitsandbytes format); a checkpoint that is already bitsandbytes-4-bit loads as it is.
+
+        max_seq_length defaults to 2048, or the model's own context when that is shorter; asking
+        for more than the model's context needs rope_scaling."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if load_in_8bit:
@@ -59,14 +69,19 @@ class FastLanguageModel:
         if full_finetuning and load_in_4bit:
             warnings.warn("full_finetuning=True trains every weight: loading in 16-bit instead of 4-bit", stacklevel=2)
             load_in_4bit = False
-        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         compute_dtype = _pick_dtype(dtype)
         config = AutoConfig.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
         if rope_scaling is not None:
-            config.rope_scaling = rope_scaling
+            if not isinstance(rope_scaling, dict) or "rope_type" not in rope_scaling and "type" not in rope_scaling:
+                raise ValueError(f"rope_scaling must be a dict with a 'rope_type' key, got {rope_scaling!r}")
+            base = dict(getattr(config, "rope_parameters", None) or {})
+            config.rope_parameters = {**base, **rope_scaling}
         trained = _max_positions(config)
-        if trained is not None and max_seq_length > trained and getattr(config, "rope_scaling", None) is None:
+        if max_seq_length is None:
+            max_seq_length = min(2048, trained) if trained else 2048
+        if trained is not None and max_seq_length > trained and not _rope_is_scaled(config):
             raise ValueError(f"max_seq_length={max_seq_length} is beyond the {trained} positions this model was "
                              "trained for; pass rope_scaling={'rope_type': 'linear', 'factor': ...} (or dynamic/yarn)")
         if config.model_type not in RULES:

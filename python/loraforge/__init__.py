@@ -2,7 +2,8 @@
 
 Importing loraforge registers its torch.library ops (torch.ops.loraforge.*). It works on a
 machine without a GPU and with a `_core` built without CUDA; asking such a build for a CUDA
-kernel raises an error that says how to rebuild.
+kernel raises an error that says how to rebuild. The model and data APIs load lazily, so that
+`import loraforge` does not pull in transformers and PEFT until they are used.
 """
 
 from loraforge import ops  # noqa: F401  (registers the ops)
@@ -10,4 +11,23 @@ from loraforge import nf4
 from loraforge._native import cuda_architectures, cuda_kernels_built
 
 __version__ = "0.1.0"
-__all__ = ["nf4", "cuda_kernels_built", "cuda_architectures", "__version__"]
+
+_LAZY = {
+    "FastLanguageModel": "loraforge.models",
+    "is_bfloat16_supported": "loraforge.models",
+    "get_chat_template": "loraforge.data",
+    "standardize_sharegpt": "loraforge.data",
+    "train_on_responses_only": "loraforge.data",
+}
+
+__all__ = ["nf4", "cuda_kernels_built", "cuda_architectures", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loraforge' has no attribute {name!r}")

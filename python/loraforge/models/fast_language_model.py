@@ -12,6 +12,7 @@ import torch
 
 from loraforge.models import patch as _patch
 from loraforge.models.architectures import RULES
+from loraforge.train.offloaded_checkpointing import enable_gradient_checkpointing
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -141,17 +142,12 @@ class FastLanguageModel:
             raise NotImplementedError("loftq_config is not supported yet")
         if lora_dropout > 0 or bias != "none":
             warnings.warn("lora_dropout > 0 or a LoRA bias: those projections take PEFT's unfused path", stacklevel=2)
-        if use_gradient_checkpointing == "unsloth":
-            warnings.warn('use_gradient_checkpointing="unsloth" (offloaded) is not implemented yet; using ordinary '
-                          "gradient checkpointing", stacklevel=2)  # fmt: skip
         torch.manual_seed(random_state)
         config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout,
                             bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save,
                             init_lora_weights=init_lora_weights, task_type="CAUSAL_LM", **kwargs)  # fmt: skip
         peft_model = get_peft_model(model, config)
-        if use_gradient_checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            peft_model.enable_input_require_grads()
+        enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         _patch.patch_model(peft_model)
         return peft_model
 

@@ -1,0 +1,1 @@
+"""Training integration: offloaded gradient checkpointing (SFT and GRPO trainers come later)."""

@@ -39,6 +39,20 @@ import torch
 from loraforge.models.base_weight import base_bias, dense_weight
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on for x's device (mixed-precision
+    training, as TRL/transformers Trainer set it up), else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def no_autocast(x: torch.Tensor):
+    """Inside the fused functions every cast is explicit, so autocast is switched off."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class LoRAProjection:
     """What the fused functions need of one PEFT LoRA-wrapped Linear: base layer, A, B, scaling."""
 
@@ -83,15 +97,19 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, proj: LoRAProjection):
-        ctx.proj = proj
-        ctx.save_for_backward(x)
-        return _forward(proj, _flat(x)).view(*x.shape[:-1], -1)
+        dtype = compute_dtype(x)
+        with no_autocast(x):
+            xc = x.to(dtype)
+            ctx.proj, ctx.x_dtype = proj, x.dtype
+            ctx.save_for_backward(xc)
+            return _forward(proj, _flat(xc)).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx, da, db = _backward(ctx.proj, _flat(x), _flat(dy), None)
-        return dx.view_as(x), da, db, None
+        with no_autocast(x):
+            dx, da, db = _backward(ctx.proj, _flat(x), _flat(dy).to(x.dtype), None)
+            return dx.view_as(x).to(ctx.x_dtype), da, db, None
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -99,21 +117,25 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qA, qB, kA, kB, vA, vB, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
-        ctx.projs = (q, k, v)
-        ctx.save_for_backward(x)
-        flat = _flat(x)
-        return tuple(_forward(p, flat).view(*x.shape[:-1], -1) for p in (q, k, v))
+        dtype = compute_dtype(x)
+        with no_autocast(x):
+            xc = x.to(dtype)
+            ctx.projs, ctx.x_dtype = (q, k, v), x.dtype
+            ctx.save_for_backward(xc)
+            flat = _flat(xc)
+            return tuple(_forward(p, flat).view(*x.shape[:-1], -1) for p in (q, k, v))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (x,) = ctx.saved_tensors
-        flat = _flat(x)
-        dx = None
-        grads = []
-        for proj, dy in zip(ctx.projs, (dq, dk, dv)):
-            dx, da, db = _backward(proj, flat, _flat(dy), dx)
-            grads += [da, db]
-        return (dx.view_as(x), *grads, None, None, None)
+        with no_autocast(x):
+            flat = _flat(x)
+            dx = None
+            grads = []
+            for proj, dy in zip(ctx.projs, (dq, dk, dv)):
+                dx, da, db = _backward(proj, flat, _flat(dy).to(x.dtype), dx)
+                grads += [da, db]
+            return (dx.view_as(x).to(ctx.x_dtype), *grads, None, None, None)
 
 
 def _act(gate: torch.Tensor, kind: str) -> torch.Tensor:
@@ -146,18 +168,26 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gA, gB, uA, uB, dA, dB, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
                 activation: str):  # fmt: skip
-        flat = _flat(x)
-        g = _forward(gate, flat)
-        u = _forward(up, flat)
-        h = _act(g, activation) * u
-        out = _forward(down, h)
-        ctx.projs, ctx.activation = (gate, up, down), activation
-        ctx.save_for_backward(x, g, u)
-        return out.view(*x.shape[:-1], -1)
+        dtype = compute_dtype(x)
+        with no_autocast(x):
+            xc = x.to(dtype)
+            flat = _flat(xc)
+            g = _forward(gate, flat)
+            u = _forward(up, flat)
+            h = _act(g, activation) * u
+            out = _forward(down, h)
+            ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
+            ctx.save_for_backward(xc, g, u)
+            return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dout):
         x, g, u = ctx.saved_tensors
+        with no_autocast(x):
+            return LoRAMLPFunction._backward(ctx, x, g, u, dout.to(x.dtype))
+
+    @staticmethod
+    def _backward(ctx, x, g, u, dout):
         gate, up, down = ctx.projs
         act, act_grad = _act_and_grad(g, ctx.activation)
         h = (act * u.float()).to(g.dtype)
@@ -170,4 +200,4 @@ class LoRAMLPFunction(torch.autograd.Function):
         flat = _flat(x)
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)
-        return dx.view_as(x), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
+        return dx.view_as(x).to(ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None

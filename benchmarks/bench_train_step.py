@@ -1,0 +1,172 @@
+"""One QLoRA training step of a Llama-3.1-8B-shaped model (random weights): transformers + PEFT +
+bitsandbytes, the same with Liger-Kernel, Unsloth, and loraforge, each in its own process, in one
+run. Batch 2 x 2,048 tokens, r=16 / alpha=16 on all seven projections, AdamW, gradient
+checkpointing (each library's recommended kind), SDPA attention. Reports tokens/s over the timed
+steps, peak GPU memory (weights included), and the loss of the first and last step.
+
+    python benchmarks/bench_train_step.py [--layers 32] [--steps 5] [--out DIR]
+
+The parent writes one random bf16 checkpoint to disk; every variant loads it the way its users do
+(from_pretrained with 4-bit NF4 and double quantization), so all train the same weights. The
+limit column is 6 x 8e9 FLOP per token (forward, backward and recompute) at the measured bf16
+matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness  # noqa: E402
+
+IMPLS = ("hf", "liger", "unsloth", "loraforge")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16",
+    )  # fmt: skip
+
+
+def write_checkpoint(folder: Path, layers: int) -> None:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(llama8b_config(layers)).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+
+
+def load(impl: str, folder: str, seq: int):
+    if impl == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=torch.bfloat16)
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
+                                                use_gradient_checkpointing="unsloth")  # fmt: skip
+    if impl == "loraforge":
+        from loraforge import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=torch.bfloat16)
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
+                                                use_gradient_checkpointing="unsloth")  # fmt: skip
+    if impl == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa")  # fmt: skip
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    if impl == "unsloth":
+        import unsloth  # noqa: F401  (must come before transformers)
+    model = load(impl, folder, seq)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    input_ids = torch.randint(0, 128256, (batch, seq), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+
+    def step():
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.steps, args.warmup)))
+        return
+
+    rate = matmul_tflops()
+    limit = rate * 1e12 / (6 * 8.0e9 * args.layers / 32)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
+        write_checkpoint(Path(folder), args.layers)
+        results = {}
+        for impl in args.impls.split(","):
+            cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            try:
+                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (json.JSONDecodeError, IndexError):
+                print(f"{impl} failed:\n{proc.stderr[-3000:]}")
+                continue
+            print(impl, results[impl], flush=True)
+    ours = results.get("loraforge", {}).get("tokens_per_s")
+    for impl, r in results.items():
+        rows.append({"benchmark": f"train_step_llama8b_{args.layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
+                     "impl": impl, "median_us": 1e6 * args.batch * args.seq / r["tokens_per_s"],
+                     "extra_peak_mib": r["peak_gib"] * 1024, "limit_us": 1e6 * args.batch * args.seq / limit,
+                     "fraction_of_limit": r["tokens_per_s"] / limit,
+                     "vs_ours": (ours / r["tokens_per_s"]) if ours else "",
+                     "note": f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB (total), loss "
+                             f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s"})  # fmt: skip
+    harness.write_rows("train_step", rows, args.out)
+    harness.print_table(rows)
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = harness.median(harness.time_cuda(lambda _: a @ b, rotations=1, warmup=5, repeat=20))
+    return 2 * 8192**3 / (t * 1e-6) / 1e12
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "loraforge/gguf_blocks.h"
 #include "loraforge/kernels.h"
 
 namespace py = pybind11;
@@ -42,6 +43,23 @@ loraforge::nf4::AbsmaxSource nested_absmax(uintptr_t qabsmax, uintptr_t code2, u
   source.offset = as_ptr<const float>(offset, "offset");
   source.blocksize2 = blocksize2;
   return source;
+}
+
+loraforge::gguf::BlockInfo gguf_info(int qtype) {
+  loraforge::gguf::BlockInfo info;
+  LF_CHECK(loraforge::gguf::block_info(qtype, &info), "qtype ", qtype,
+           " is not a GGUF type loraforge packs; supported ids: 2 (Q4_0), 8 (Q8_0), 10 (Q2_K), 11 (Q3_K), "
+           "12 (Q4_K), 13 (Q5_K), 14 (Q6_K)");
+  return info;
+}
+
+void check_gguf_sizes(long long rows, long long cols, int qtype) {
+  const auto info = gguf_info(qtype);
+  LF_CHECK(rows > 0, "rows must be positive, got ", rows);
+  LF_CHECK(cols > 0, "cols must be positive, got ", cols);
+  LF_CHECK(cols % info.elems == 0, "cols (", cols, ") must be a multiple of ", info.elems,
+           ", the block size of GGUF type ", qtype);
+  LF_CHECK(rows <= (1LL << 62) / cols, "rows * cols overflows: ", rows, " x ", cols);
 }
 
 }  // namespace
@@ -104,6 +122,39 @@ PYBIND11_MODULE(_core, m) {
       py::arg("packed"), py::arg("qabsmax"), py::arg("code2"), py::arg("absmax2"), py::arg("offset"),
       py::arg("num_absmax2"), py::arg("blocksize2"), py::arg("n"), py::arg("blocksize"), py::arg("out"),
       py::arg("dtype"), py::arg("num_threads"));
+
+  // ---- GGUF blocks, CPU ----
+  m.def(
+      "gguf_block_info",
+      [](int qtype) {
+        const auto info = gguf_info(qtype);
+        return py::make_tuple(info.elems, info.bytes);
+      },
+      py::arg("qtype"), "(values per block, bytes per block) of a GGUF type id");
+
+  m.def(
+      "gguf_quantize_cpu",
+      [](uintptr_t src, long long rows, long long cols, int qtype, uintptr_t dst, int num_threads) {
+        check_gguf_sizes(rows, cols, qtype);
+        auto* src_ptr = as_ptr<const float>(src, "src");
+        auto* dst_ptr = as_ptr<unsigned char>(dst, "dst");
+        py::gil_scoped_release release;
+        loraforge::gguf_quantize_cpu(src_ptr, rows, cols, qtype, dst_ptr, num_threads);
+      },
+      py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("qtype"), py::arg("dst"), py::arg("num_threads"),
+      "Pack float32 [rows, cols] at src into GGUF blocks at dst, as llama.cpp's ggml_quantize_chunk");
+
+  m.def(
+      "gguf_dequantize_cpu",
+      [](uintptr_t src, long long rows, long long cols, int qtype, uintptr_t dst, int num_threads) {
+        check_gguf_sizes(rows, cols, qtype);
+        auto* src_ptr = as_ptr<const unsigned char>(src, "src");
+        auto* dst_ptr = as_ptr<float>(dst, "dst");
+        py::gil_scoped_release release;
+        loraforge::gguf_dequantize_cpu(src_ptr, rows, cols, qtype, dst_ptr, num_threads);
+      },
+      py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("qtype"), py::arg("dst"), py::arg("num_threads"),
+      "Unpack GGUF blocks at src into float32 [rows, cols] at dst, as llama.cpp's to_float");
 
   // ---- NF4, CUDA (raise a clear error when this _core was built without CUDA) ----
   m.def(

@@ -12,6 +12,12 @@ void nf4_quantize_cpu(const void* x, DType dtype, long long n, long long blocksi
                       float* absmax, int num_threads);
 void nf4_dequantize_cpu(const unsigned char* packed, const nf4::AbsmaxSource& absmax, long long n,
                         long long blocksize, void* out, DType dtype, int num_threads);
+// GGUF blocks (gguf_blocks.h): float32 [rows, cols] <-> rows * cols / block_elems blocks, row-major.
+// `qtype` is ggml's type id; cols must be a multiple of the type's block size (checked by the caller).
+void gguf_quantize_cpu(const float* src, long long rows, long long cols, int qtype, unsigned char* dst,
+                       int num_threads);
+void gguf_dequantize_cpu(const unsigned char* src, long long rows, long long cols, int qtype, float* dst,
+                         int num_threads);
 
 // ---- CUDA (csrc/cuda); `stream` is a cudaStream_t passed as an integer ----
 bool cuda_built();

@@ -1,0 +1,12 @@
+"""GGUF support: llama.cpp's tensor block formats, packed byte for byte as llama.cpp packs them.
+
+    from loraforge import gguf
+    blocks = gguf.quantize(weight, "q4_k")          # uint8 [rows, cols // 256 * 144]
+    values = gguf.dequantize(blocks, "q4_k", weight.shape)
+
+See `loraforge.gguf.quants` for the types and the exactness contract.
+"""
+
+from loraforge.gguf.quants import TYPES, GGUFType, dequantize, quantize, resolve_type, row_bytes
+
+__all__ = ["TYPES", "GGUFType", "dequantize", "quantize", "resolve_type", "row_bytes"]

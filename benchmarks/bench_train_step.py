@@ -51,6 +51,10 @@ def write_checkpoint(folder: Path, layers: int) -> None:
     with torch.device("cuda"):
         model = LlamaForCausalLM(llama8b_config(layers)).to(torch.bfloat16)
     model.save_pretrained(folder)
+    # Loaders want a tokenizer beside the weights; the step feeds random ids, so any will do.
+    from loraforge.testing import build_tokenizer
+
+    build_tokenizer().save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
 

@@ -122,3 +122,22 @@ def test_offloaded_checkpointing_gives_the_same_gradients(saved_models, device, 
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="use_gradient_checkpointing"):
         FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="sometimes")
+
+
+def test_training_loss_takes_the_fused_cross_entropy(saved_models):
+    ours, plain, tokenizer = _pair(saved_models["gemma2"], False, 0)  # gemma2: final logit softcapping
+    batch = tokenizer(["Blue whales sing."], return_tensors="pt")
+    ours.train()
+    out = ours(**batch, labels=batch["input_ids"])
+    assert out.logits is None  # the fused path never forms logits
+    expected = plain(**batch, labels=batch["input_ids"])
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    ours.eval()
+    assert ours(**batch, labels=batch["input_ids"]).logits is not None  # evaluation keeps logits
+    # num_items_in_batch (gradient accumulation): sum over tokens / the given count
+    ours.train()
+    plain.train()
+    n = int((batch["input_ids"][:, 1:] != -100).sum()) + 3
+    a = ours(**batch, labels=batch["input_ids"], num_items_in_batch=torch.tensor(n)).loss
+    b = plain(**batch, labels=batch["input_ids"], num_items_in_batch=torch.tensor(n)).loss
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

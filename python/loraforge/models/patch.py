@@ -19,6 +19,11 @@ from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, 
 _PATCHED = "_loraforge_patched"
 
 
+def _is_marked(module: torch.nn.Module) -> bool:
+    # Read the instance dict: PEFT wrappers forward unknown attributes to the model they wrap.
+    return module.__dict__.get(_PATCHED, False)
+
+
 def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
     """The fused-path view of a projection, or None when it must take PEFT's own forward."""
     if not hasattr(module, "lora_A"):  # a plain (possibly 4-bit) Linear: base only
@@ -79,9 +84,17 @@ def patch_model(model: torch.nn.Module) -> bool:
             count += 1
         for name in rules.attention_projections:
             child = getattr(module, name, None)
-            if isinstance(child, torch.nn.Module) and not getattr(child, _PATCHED, False):
+            if isinstance(child, torch.nn.Module) and not _is_marked(child):
                 child.forward = types.MethodType(_fused_linear_forward, child)
                 setattr(child, _PATCHED, True)
+    for module in model.modules():
+        # The transformers *ForCausalLM itself (its backbone is `.model`), not PEFT's wrapper of it.
+        is_causal_lm = type(module).__name__.endswith("ForCausalLM") and "model" in module._modules
+        if is_causal_lm and "lm_head" in module._modules and not _is_marked(module):
+            from loraforge.models.causal_lm_loss import fused_loss_forward
+
+            module.forward = types.MethodType(fused_loss_forward, module)
+            setattr(module, _PATCHED, True)
     if count == 0:
         raise ValueError(f"model_type={model_type!r} but no {rules.mlp_class} module was found: nothing to patch")
     return True
@@ -90,10 +103,10 @@ def patch_model(model: torch.nn.Module) -> bool:
 def unpatch_model(model: torch.nn.Module) -> None:
     """Remove every fused forward that patch_model installed."""
     for module in model.modules():
-        if getattr(module, _PATCHED, False):
+        if _is_marked(module):
             module.__dict__.pop("forward", None)
-            delattr(module, _PATCHED)
+            del module.__dict__[_PATCHED]
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    return any(getattr(m, _PATCHED, False) for m in model.modules())
+    return any(_is_marked(m) for m in model.modules())

@@ -5,3 +5,5 @@ ops/ calls the ops (torch.ops.loraforge.*) or the thin functions exported here, 
 """
 
 from loraforge.ops import nf4  # noqa: F401  (registers loraforge::nf4_*)
+from loraforge.ops import cross_entropy  # noqa: F401  (registers loraforge::cross_entropy*)
+from loraforge.ops import fused_linear_cross_entropy  # noqa: F401  (registers loraforge::fused_linear_cross_entropy)

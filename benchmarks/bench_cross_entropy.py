@@ -1,0 +1,211 @@
+"""Cross-entropy with the lm_head, forward + backward with the head trainable (the issue's case:
+N=8,192 tokens, H=4,096, V=128,256, bf16): loraforge's fused linear cross-entropy beside plain torch
+(logits = X @ W^T, then F.cross_entropy in fp32), Liger's fused linear cross-entropy and its
+cross-entropy on materialised logits, Apple's Cut Cross-Entropy, and loraforge's cross-entropy on
+materialised logits. Each is timed from X and W to X.grad and W.grad (median ms) with the peak memory
+above what the inputs hold (GiB; W.grad, which stays, is part of it), against the matmul limit:
+3 matmuls of 2 N H V FLOPs at the bf16 matmul rate measured in the same run (torch.matmul 8192^3).
+
+A second table times the cross-entropy alone on precomputed bf16 logits, against the copy limit
+(read the logits twice, write the gradient once, at the copy rate measured in the same run).
+
+    python benchmarks/bench_cross_entropy.py [--out DIR] [--chunk-rows 512,1024,2048] [--tokens N ...]
+
+Liger (liger_kernel) and Cut Cross-Entropy (cut_cross_entropy) are optional: missing ones are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
+
+GIB = 2**30
+
+
+def first(out):
+    """The loss of a call that returns it alone or first in a tuple (newer Liger versions)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="also write the CSV here")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--chunk-rows", default="", help="comma-separated chunk sizes to try beside the default")
+    parser.add_argument("--repeat", type=int, default=20)
+    return parser.parse_args()
+
+
+def optional_baselines() -> dict[str, Callable]:
+    """Liger's and CCE's entry points, where installed (each call returns the loss)."""
+    found = {}
+    try:
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        found["liger fused"] = lambda x, w, t: first(LigerFusedLinearCrossEntropyFunction.apply(x, w, t))
+        found["liger CE on logits"] = lambda x, w, t: first(LigerCrossEntropyFunction.apply(x @ w.T, t))
+    except ImportError as error:
+        print("Liger not available:", error)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        found["cut cross-entropy"] = lambda x, w, t: linear_cross_entropy(x, w, t)
+    except ImportError as error:
+        print("Cut Cross-Entropy not available:", error)
+    return found
+
+
+def implementations(chunk_rows: list[int]) -> dict[str, Callable]:
+    from loraforge.ops.cross_entropy import cross_entropy
+    from loraforge.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    impls = {
+        "loraforge fused": lambda x, w, t: fused_linear_cross_entropy(x, w, t),
+        "loraforge fused, fp32 dW": lambda x, w, t: fused_linear_cross_entropy(x, w, t, grad_weight_fp32=True),
+    }
+    for rows in chunk_rows:
+        impls[f"loraforge fused, chunk {rows}"] = lambda x, w, t, rows=rows: fused_linear_cross_entropy(
+            x, w, t, chunk_rows=rows
+        )
+    impls["torch"] = lambda x, w, t: F.cross_entropy((x @ w.T).float(), t)
+    impls.update(optional_baselines())
+    impls["loraforge CE on logits"] = lambda x, w, t: cross_entropy(x @ w.T, t, inplace_backward=True)
+    return impls
+
+
+def matmul_tflops(size: int = 8192) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    times = harness.time_cuda(lambda _: torch.mm(a, b), rotations=1, warmup=5, repeat=30)
+    return 2 * size**3 / (harness.median(times) * 1e-6) / 1e12
+
+
+def fwd_bwd(loss_fn, x, w, t):
+    """One training step's worth: forward from X and W, backward to X.grad and W.grad."""
+
+    def step():
+        x.grad = w.grad = None
+        loss_fn(x, w, t).backward()
+
+    return step
+
+
+def linear_rows(args, tflops, case) -> list[dict]:
+    n, h, v = args.tokens, args.hidden, args.vocab
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    w = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    limit_us = 3 * 2 * n * h * v / (tflops * 1e12) * 1e6
+    chunk_rows = [int(r) for r in args.chunk_rows.split(",") if r]
+    results, reference_loss = {}, None
+    for impl, loss_fn in implementations(chunk_rows).items():
+        try:
+            with torch.no_grad():
+                loss = loss_fn(x, w, t).item()
+            reference_loss = loss if impl == "torch" else reference_loss
+            step = fwd_bwd(loss_fn, x, w, t)
+            step()  # compile / autotune outside the measurements
+            x.grad = w.grad = None
+            torch.cuda.empty_cache()
+            peak_mib = harness.extra_peak_mib(step)
+            x.grad = w.grad = None
+            torch.cuda.empty_cache()
+            times = harness.time_cuda(lambda _, step=step: step(), rotations=1, warmup=3, repeat=args.repeat)
+            median_us = harness.median(times)
+            results[impl] = (median_us, peak_mib, loss)
+            print(f"{impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, loss {loss:.5f}")
+        except (RuntimeError, TypeError, ValueError) as error:  # an OOM or an API mismatch: report, go on
+            print(f"{impl} failed: {error}")
+        x.grad = w.grad = None
+        torch.cuda.empty_cache()
+    ours = results.get("loraforge fused", (float("nan"),))[0]
+    rows = []
+    for impl, (median_us, peak_mib, loss) in results.items():
+        note = f"loss {loss:.5f}" + (f" (torch {reference_loss:.5f})" if reference_loss is not None else "")
+        rows.append({"benchmark": "linear_cross_entropy_fwd_bwd", "case": case, "impl": impl, "median_us": median_us,
+                     "extra_peak_mib": peak_mib, "limit_us": limit_us, "fraction_of_limit": limit_us / median_us,
+                     "vs_ours": median_us / ours, "note": note})  # fmt: skip
+    rows.append({"benchmark": "linear_cross_entropy_fwd_bwd", "case": case, "impl": "matmul-limit",
+                 "median_us": limit_us, "limit_us": limit_us, "fraction_of_limit": 1.0, "vs_ours": limit_us / ours,
+                 "note": f"3 x 2NHV FLOP at {tflops:.0f} TFLOP/s measured (bf16 8192^3)"})  # fmt: skip
+    return rows
+
+
+def logits_only_rows(args, bandwidth, case) -> list[dict]:
+    """Cross-entropy alone on precomputed bf16 logits, forward + backward to the logits' gradient."""
+    from loraforge.ops.cross_entropy import cross_entropy
+
+    n, v = args.tokens, args.vocab
+    gen = torch.Generator(device="cuda").manual_seed(99)
+    logits = (torch.randn(n, v, device="cuda", dtype=torch.bfloat16, generator=gen) * 2).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    limit_us = 3 * n * v * 2 / (bandwidth * 1e9) * 1e6  # read twice, write once, bf16
+
+    def on_logits(loss_fn):
+        def step():
+            logits.grad = None
+            loss_fn(logits, t).backward()
+
+        return step
+
+    # The in-place variants leave the gradient in the logits; the next call reads those values, which
+    # are as good as any for timing.
+    impls = {
+        "loraforge": lambda z, t: cross_entropy(z, t),
+        "loraforge, in-place backward": lambda z, t: cross_entropy(z, t, inplace_backward=True),
+        "torch": lambda z, t: F.cross_entropy(z.float(), t),
+    }
+    try:
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+        impls["liger"] = lambda z, t: first(LigerCrossEntropyFunction.apply(z, t))
+    except ImportError:
+        pass
+    results = {}
+    for impl, loss_fn in impls.items():
+        step = on_logits(loss_fn)
+        step()
+        logits.grad = None
+        torch.cuda.empty_cache()
+        peak_mib = harness.extra_peak_mib(step)
+        logits.grad = None
+        times = harness.time_cuda(lambda _, step=step: step(), rotations=1, warmup=3, repeat=args.repeat)
+        results[impl] = (harness.median(times), peak_mib)
+        logits.grad = None
+        torch.cuda.empty_cache()
+    ours = results["loraforge"][0]
+    return [{"benchmark": "cross_entropy_on_logits_fwd_bwd", "case": case, "impl": impl, "median_us": median_us,
+             "extra_peak_mib": peak_mib, "limit_us": limit_us, "fraction_of_limit": limit_us / median_us,
+             "vs_ours": median_us / ours, "note": f"limit: 3 x N V x 2 B at {bandwidth:.0f} GB/s measured copy"}
+            for impl, (median_us, peak_mib) in results.items()]  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_cross_entropy needs a CUDA GPU")
+    tflops = matmul_tflops()
+    torch.cuda.empty_cache()
+    bandwidth = harness.copy_bandwidth_gbs()
+    print(f"bf16 matmul 8192^3: {tflops:.0f} TFLOP/s; copy (read + write): {bandwidth:.0f} GB/s")
+    case = f"N={args.tokens},H={args.hidden},V={args.vocab},bf16"
+    rows = linear_rows(args, tflops, case) + logits_only_rows(args, bandwidth, f"N={args.tokens},V={args.vocab},bf16")
+    path = harness.write_rows("cross_entropy", rows, args.out)
+    harness.print_table(rows)
+    print("written to", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""RMSNorm, Llama and Gemma forms, with autograd registered on the op.
+
+    loraforge::rms_norm(x, weight, eps, gemma) -> y
+    loraforge::rms_norm_backward(grad_y, x, weight, eps, gemma, weight_grad) -> (grad_x, grad_weight)
+
+x is [..., hidden] in float32, float16 or bfloat16; weight is [hidden]. The forms match transformers:
+
+    Llama (LlamaRMSNorm):  y = weight * (x * rstd).to(x.dtype)              (dtype: promote(weight, x))
+    Gemma (GemmaRMSNorm):  y = ((x * rstd) * (1 + weight.float())).to(x.dtype)
+    with x in fp32 and rstd = 1 / sqrt(mean(x**2, last dim) + eps).
+
+Backward. Write n = x * rstd (fp32, one row of length H), s = weight (Llama) or 1 + weight (Gemma), and
+g = dy * s, the gradient reaching n. The casts count as the identity, as autograd treats them. Then
+
+    dn_j / dx_i = rstd * delta_ij - x_j * rstd**3 * x_i / H          (rstd depends on every x_i)
+    dx_i = sum_j g_j dn_j/dx_i = rstd * g_i - rstd**3 * x_i * sum_j g_j x_j / H
+         = rstd * (g_i - n_i * mean_j(g_j * n_j))
+    dweight = sum over rows of dy * n.to(x.dtype)   (Llama: the weight multiplies the rounded n)
+    dweight = sum over rows of dy * n               (Gemma)
+
+rstd is recomputed in the backward from the row of x it must read anyway, so the forward saves only x
+and weight and writes no statistics. dweight is reduced in fp32 (per-program partial sums, then one sum)
+and skipped when weight needs no gradient (a frozen norm under LoRA): grad_weight is then empty.
+
+Kernels: the reference below on CPU and every other device, Triton (loraforge.triton_kernels.rmsnorm)
+on CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from loraforge import _native
+from loraforge.ops._library import define_op
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _triton():
+    try:
+        from loraforge.triton_kernels import rmsnorm
+    except ImportError as error:  # triton is an optional dependency on machines without a GPU
+        raise RuntimeError("loraforge's CUDA RMSNorm needs triton: pip install triton") from error
+    return rmsnorm
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    _check_float(x, "x")
+    _check_float(weight, "weight")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., hidden] with hidden > 0, got shape {list(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [{x.shape[-1]}] (x's last dimension), got shape {list(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+def _check_grad(grad_y: torch.Tensor, x: torch.Tensor) -> None:
+    _check_float(grad_y, "grad_y")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y has shape {list(grad_y.shape)} but x has {list(x.shape)}")
+    if grad_y.device != x.device:
+        raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
+
+
+def output_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.dtype:
+    """As transformers: Llama multiplies by the weight in the promoted dtype; Gemma casts back to x's."""
+    return x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the definition, in plain torch (transformers' LlamaRMSNorm and GemmaRMSNorm).
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    hidden = x.float()
+    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+def rms_norm_backward_reference(grad_y, x, weight, eps, gemma, weight_grad):
+    hidden = x.float()
+    rstd = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    normed = hidden * rstd
+    dy = grad_y.float()
+    g = dy * ((1.0 + weight.float()) if gemma else weight.float())
+    grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+    if not weight_grad:
+        return grad_x, weight.new_empty(0)
+    seen_by_weight = normed if gemma else normed.to(x.dtype).float()
+    grad_weight = (dy * seen_by_weight).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels behind the ops.
+
+
+def _forward_reference(x, weight, eps, gemma):
+    _check_args(x, weight, eps)
+    return rms_norm_reference(x, weight, eps, gemma).contiguous()  # the layout the fake kernel promises
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[rows, hidden] view (a copy only when the leading dimensions cannot be flattened) whose column
+    stride the kernels accept."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _forward_cuda(x, weight, eps, gemma):
+    _check_args(x, weight, eps)
+    with _native.on_device(x.device):
+        y = _triton().rms_norm_forward(_rows(x), weight.contiguous(), eps, gemma, output_dtype(x, weight, gemma))
+    return y.view(x.shape)
+
+
+def _forward_fake(x, weight, eps, gemma):
+    _check_args(x, weight, eps)
+    return x.new_empty(x.shape, dtype=output_dtype(x, weight, gemma))
+
+
+def _backward_reference(grad_y, x, weight, eps, gemma, weight_grad):
+    _check_args(x, weight, eps)
+    _check_grad(grad_y, x)
+    grad_x, grad_weight = rms_norm_backward_reference(grad_y, x, weight, eps, gemma, weight_grad)
+    return grad_x.contiguous(), grad_weight  # the layout the fake kernel promises
+
+
+def _backward_cuda(grad_y, x, weight, eps, gemma, weight_grad):
+    _check_args(x, weight, eps)
+    _check_grad(grad_y, x)
+    dy = grad_y.reshape(-1, x.shape[-1])
+    if dy.stride(-1) not in (0, 1):  # 0: a gradient broadcast along rows, read as it is
+        dy = dy.contiguous()
+    with _native.on_device(x.device):
+        grad_x, grad_weight = _triton().rms_norm_backward(dy, _rows(x), weight.contiguous(), eps, gemma, weight_grad)
+    return grad_x.view(x.shape), (grad_weight if weight_grad else weight.new_empty(0))
+
+
+def _backward_fake(grad_y, x, weight, eps, gemma, weight_grad):
+    _check_args(x, weight, eps)
+    _check_grad(grad_y, x)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if weight_grad else (0,))
+
+
+rms_norm_backward = define_op(
+    "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, float eps, bool gemma, bool weight_grad) "
+    "-> (Tensor grad_x, Tensor grad_weight)",
+    reference=_backward_reference,
+    cpu=_backward_reference,
+    cuda=_backward_cuda,
+    fake=_backward_fake,
+)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, gemma = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.gemma = eps, gemma
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    x_needs, weight_needs = ctx.needs_input_grad[:2]
+    grad_x, grad_weight = rms_norm_backward(grad_y, x, weight, ctx.eps, ctx.gemma, weight_needs)
+    return (grad_x if x_needs else None), (grad_weight if weight_needs else None), None, None
+
+
+rms_norm_op = define_op(
+    "rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> Tensor",
+    reference=_forward_reference,
+    cpu=_forward_reference,
+    cuda=_forward_cuda,
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm of x over its last dimension (Llama form, or Gemma's `1 + weight` with gemma=True)."""
+    return rms_norm_op(x, weight, float(eps), bool(gemma))

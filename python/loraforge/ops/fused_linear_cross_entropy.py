@@ -289,7 +289,14 @@ def _fake(x, weight, bias, targets, ignore_index, logit_scale, softcap, reductio
 def _setup_context(ctx, inputs, output):
     _, grad_x, grad_w, grad_b = output
     ctx.mark_non_differentiable(grad_x, grad_w, grad_b)
-    ctx.save_for_backward(grad_x, grad_w, grad_b)
+    if is_traced(grad_w):
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.eager_grads = None
+    else:
+        # Eagerly, hold the gradients as plain references that backward hands over and drops: then
+        # autograd's gradient accumulation takes dW as it is instead of cloning it (a saved tensor
+        # would keep a second reference alive and cost another [V, H] buffer, 1 GB at 128k x 4k).
+        ctx.eager_grads = [grad_x, grad_w, grad_b]
     ctx.formed = inputs[9:12]  # needs_grad_x, needs_grad_weight, needs_grad_bias (with a bias)
     ctx.has_bias = inputs[2] is not None
 
@@ -302,7 +309,10 @@ def _upstream_is_one(grad_loss: torch.Tensor) -> bool:
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
-    saved = ctx.saved_tensors
+    if ctx.eager_grads is None and not ctx.saved_tensors:
+        raise RuntimeError("loraforge::fused_linear_cross_entropy: backward ran twice through one graph; "
+                           "its gradients were formed in the forward and have been handed over already")
+    saved, ctx.eager_grads = (ctx.eager_grads or ctx.saved_tensors), None
     wanted = ctx.needs_input_grad[:3]
     formed = (ctx.formed[0], ctx.formed[1], ctx.formed[2] and ctx.has_bias)
     for name, want, have in zip(("x", "weight", "bias"), wanted, formed):

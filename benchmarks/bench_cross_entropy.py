@@ -54,7 +54,7 @@ def optional_baselines() -> dict[str, Callable]:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
         found["liger fused"] = lambda x, w, t: first(LigerFusedLinearCrossEntropyFunction.apply(x, w, t))
-        found["liger CE on logits"] = lambda x, w, t: first(LigerCrossEntropyFunction.apply(x @ w.T, t))
+        found["liger CE on logits"] = lambda x, w, t: first(LigerCrossEntropyFunction.apply(x @ w.T, t, None))
     except ImportError as error:
         print("Liger not available:", error)
     try:

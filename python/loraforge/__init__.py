@@ -18,6 +18,8 @@ _LAZY = {
     "get_chat_template": "loraforge.data",
     "standardize_sharegpt": "loraforge.data",
     "train_on_responses_only": "loraforge.data",
+    "save_pretrained_merged": "loraforge.export",
+    "save_pretrained_gguf": "loraforge.export",
 }
 
 __all__ = ["nf4", "cuda_kernels_built", "cuda_architectures", "__version__", *_LAZY]

@@ -162,3 +162,16 @@ def test_bf16_qlora_on_gpu_matches_peft(tmp_path, arch, seed):
     for name in grads_ours:
         a, b = grads_ours[name].float().flatten(), grads_plain[name].float().flatten()
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98, name
+
+
+def test_peft_merge_and_unload_works_on_our_4bit_loads(saved_models):
+    model, tokenizer = FastLanguageModel.from_pretrained(saved_models["llama"], dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False, use_gradient_checkpointing=False)
+    assert callable(model.save_pretrained_merged) and callable(model.save_pretrained_gguf)
+    batch = tokenizer(["Green leaves"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+        merged = model.merge_and_unload()
+        after = merged(**batch).logits
+    assert (before - after).abs().max() < 0.5  # NF4 requantization of the merged weight

@@ -100,6 +100,9 @@ class FastLanguageModel:
                 from loraforge.models.quantize_model import quantize_linears
 
                 quantize_linears(model, compute_dtype)
+                # What transformers sets for its own bitsandbytes loads; PEFT keys its 4-bit LoRA
+                # layer (and merge_and_unload) on it.
+                model.is_loaded_in_4bit = True
         model.max_seq_length = max_seq_length
         for param in model.parameters():
             param.requires_grad_(full_finetuning)
@@ -149,6 +152,9 @@ class FastLanguageModel:
         peft_model = get_peft_model(model, config)
         enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         _patch.patch_model(peft_model)
+        from loraforge.export import attach_export_methods
+
+        attach_export_methods(peft_model)
         return peft_model
 
     @staticmethod

@@ -1,13 +1,18 @@
 """use_gradient_checkpointing="unsloth": checkpoint every decoder layer, and keep the one tensor
 each layer saves (its input) in pinned CPU memory rather than on the GPU until backward.
 
-Built from PyTorch's own pieces: non-reentrant `torch.utils.checkpoint` saves only the layer's
-inputs and recomputes the layer in backward; `torch.autograd.graph.save_on_cpu(pin_memory=True)`
-moves whatever is saved inside it to pinned host memory with non-blocking copies and brings it
-back when backward needs it. Together a layer's GPU footprint between forward and backward is
-nothing, at the cost of one host round trip of [batch, seq, hidden] per layer, which the copy
-engines run while the GPU computes. On a CPU model there is nothing to offload and this is plain
-checkpointing.
+Non-reentrant `torch.utils.checkpoint` saves only a layer's inputs and recomputes the layer in
+backward. Around it, saved-tensor hooks move what is saved to pinned host memory:
+
+* pack (forward): the copy to host runs on a side stream, ordered after the work that produced
+  the tensor, so the compute stream never waits for PCIe; the GPU tensor is kept alive only until
+  that copy has finished (an event), and then released.
+* unpack (backward): the copy back to the GPU is issued on the compute stream from pinned memory
+  (asynchronous), right where backward needs it.
+
+PyTorch's `save_on_cpu` does the same without the side stream: its device-to-host copy is
+synchronous and stalls the GPU at every layer. On a CPU model there is nothing to offload and
+this is plain checkpointing.
 """
 
 from __future__ import annotations
@@ -17,13 +22,65 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+_MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
+
+
+class _Offloaded:
+    __slots__ = ("host", "device", "done", "gpu")
+
+    def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream):
+        self.device = tensor.device
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(side):
+            self.host.copy_(tensor, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(side)
+        self.gpu = tensor  # alive until the copy completes (see _reap)
+
+    def restore(self) -> torch.Tensor:
+        torch.cuda.current_stream(self.device).wait_event(self.done)
+        self.gpu = None
+        return self.host.to(self.device, non_blocking=True)
+
+
+class _OffloadHooks:
+    """Saved-tensor hooks with one side stream per device and a queue of copies in flight."""
+
+    def __init__(self):
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.in_flight: list[_Offloaded] = []
+
+    def _reap(self) -> None:
+        # Drop GPU references whose host copy has completed, without waiting for the others.
+        self.in_flight = [item for item in self.in_flight if item.gpu is not None and not item.done.query()]
+        for item in list(self.in_flight):
+            if item.done.query():
+                item.gpu = None
+
+    def pack(self, tensor: torch.Tensor):
+        if not tensor.is_cuda or tensor.numel() * tensor.element_size() < _MIN_OFFLOAD_BYTES:
+            return tensor
+        side = self.streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
+        item = _Offloaded(tensor, side)
+        self._reap()
+        self.in_flight.append(item)
+        return item
+
+    @staticmethod
+    def unpack(packed):
+        return packed.restore() if isinstance(packed, _Offloaded) else packed
+
+
+_HOOKS = _OffloadHooks()
+
 
 def offloaded_checkpoint(function, *args, **kwargs):
     """A drop-in for transformers' `_gradient_checkpointing_func`."""
     kwargs.setdefault("use_reentrant", False)
     on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if on_gpu else contextlib.nullcontext()
-    with offload:
+    hooks = torch.autograd.graph.saved_tensors_hooks(_HOOKS.pack, _HOOKS.unpack) if on_gpu else contextlib.nullcontext()
+    with hooks:
         return checkpoint(function, *args, **kwargs)
 
 

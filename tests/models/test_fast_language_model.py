@@ -44,6 +44,8 @@ def _loss_and_grads(model, batch):
 @pytest.mark.parametrize("load_in_4bit", (True, False))
 def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, seed):
     ours, plain, tokenizer = _pair(saved_models[arch], load_in_4bit, seed % 1000)
+    norms = [m for m in ours.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all("forward" in m.__dict__ for m in norms)  # every RMSNorm takes our kernel
     batch = tokenizer(["The cat sat on the warm mat.", "Rain falls softly on the roof today"],
                       return_tensors="pt", padding=True)  # fmt: skip
     loss_ours, grads_ours = _loss_and_grads(ours, batch)

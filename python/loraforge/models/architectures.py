@@ -16,15 +16,17 @@ class ArchitectureRules:
     activation: str  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU as Gemma uses it)
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    norm_class: str = ""  # RMSNorm class (q/k norms of Qwen3 included)
+    gemma_norm: bool = False  # Gemma's (1 + weight) form, in fp32
 
 
 RULES: dict[str, ArchitectureRules] = {
-    "llama": ArchitectureRules(mlp_class="LlamaMLP", activation="silu"),
-    "mistral": ArchitectureRules(mlp_class="MistralMLP", activation="silu"),
-    "qwen2": ArchitectureRules(mlp_class="Qwen2MLP", activation="silu"),
-    "qwen3": ArchitectureRules(mlp_class="Qwen3MLP", activation="silu"),
-    "gemma": ArchitectureRules(mlp_class="GemmaMLP", activation="gelu_tanh"),
-    "gemma2": ArchitectureRules(mlp_class="Gemma2MLP", activation="gelu_tanh"),
+    "llama": ArchitectureRules(mlp_class="LlamaMLP", activation="silu", norm_class="LlamaRMSNorm"),
+    "mistral": ArchitectureRules(mlp_class="MistralMLP", activation="silu", norm_class="MistralRMSNorm"),
+    "qwen2": ArchitectureRules(mlp_class="Qwen2MLP", activation="silu", norm_class="Qwen2RMSNorm"),
+    "qwen3": ArchitectureRules(mlp_class="Qwen3MLP", activation="silu", norm_class="Qwen3RMSNorm"),
+    "gemma": ArchitectureRules(mlp_class="GemmaMLP", activation="gelu_tanh", norm_class="GemmaRMSNorm", gemma_norm=True),
+    "gemma2": ArchitectureRules(mlp_class="Gemma2MLP", activation="gelu_tanh", norm_class="Gemma2RMSNorm", gemma_norm=True),
 }
 
 SUPPORTED = tuple(RULES)

@@ -32,11 +32,10 @@ dX summed over both. Saved: X, G, U (G and U are needed for act'(G); Hm is recom
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from loraforge.models.base_weight import base_bias, dense_weight
+from loraforge.ops import swiglu as _swiglu_ops  # noqa: F401  (registers loraforge::gated_activation*)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -138,30 +137,6 @@ class LoRAQKVFunction(torch.autograd.Function):
             return (dx.view_as(x).to(ctx.x_dtype), *grads, None, None, None)
 
 
-def _act(gate: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "silu":
-        return torch.nn.functional.silu(gate)
-    return torch.nn.functional.gelu(gate, approximate="tanh" if kind == "gelu_tanh" else "none")
-
-
-def _act_and_grad(gate: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(gate) and act'(gate), in fp32."""
-    g = gate.float()
-    if kind == "silu":
-        sig = torch.sigmoid(g)
-        return g * sig, sig * (1 + g * (1 - sig))
-    if kind == "gelu_tanh":
-        k = math.sqrt(2 / math.pi)
-        inner = k * (g + 0.044715 * g**3)
-        t = torch.tanh(inner)
-        act = 0.5 * g * (1 + t)
-        grad = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * 0.044715 * g * g)
-        return act, grad
-    cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
-    pdf = torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
-    return g * cdf, cdf + g * pdf
-
-
 class LoRAMLPFunction(torch.autograd.Function):
     """Out = down(act(gate(X)) * up(X)), each projection with LoRA, backward by hand."""
 
@@ -174,7 +149,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             flat = _flat(xc)
             g = _forward(gate, flat)
             u = _forward(up, flat)
-            h = _act(g, activation) * u
+            h = torch.ops.loraforge.gated_activation(g, u, activation, False)
             out = _forward(down, h)
             ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
             ctx.save_for_backward(xc, g, u)
@@ -189,14 +164,14 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, x, g, u, dout):
         gate, up, down = ctx.projs
-        act, act_grad = _act_and_grad(g, ctx.activation)
-        h = (act * u.float()).to(g.dtype)
+        # One fused kernel recomputes Hm, one more turns (dHm, G, U) into (dG, dU) in G's and U's own
+        # storage: they are dead after this, and the MLP's largest activations are not allocated twice.
+        h = torch.ops.loraforge.gated_activation(g, u, ctx.activation, False)
         dh, d_dA, d_dB = _backward(down, h, _flat(dout), None)
         del h
-        dh = dh.float()
-        dg = (dh * u.float() * act_grad).to(g.dtype)
-        du = (dh * act).to(g.dtype)
-        del dh, act, act_grad
+        torch.ops.loraforge.gated_activation_backward_(dh.contiguous(), g, u, ctx.activation)
+        dg, du = g, u
+        del dh
         flat = _flat(x)
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)

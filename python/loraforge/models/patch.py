@@ -66,6 +66,16 @@ def _make_mlp_forward(names: tuple[str, str, str], activation: str):
     return forward
 
 
+def _make_norm_forward(gemma: bool):
+    from loraforge.ops.rmsnorm import rms_norm
+
+    def forward(self, x):
+        eps = getattr(self, "variance_epsilon", None)
+        return rms_norm(x, self.weight, self.eps if eps is None else eps, gemma)
+
+    return forward
+
+
 def patch_model(model: torch.nn.Module) -> bool:
     """Install the fused forwards; returns False (with a warning) for an unknown architecture."""
     config = getattr(model, "config", None)
@@ -82,6 +92,9 @@ def patch_model(model: torch.nn.Module) -> bool:
             module.forward = types.MethodType(_make_mlp_forward(rules.mlp_projections, activation), module)
             setattr(module, _PATCHED, True)
             count += 1
+        if rules.norm_class and type(module).__name__ == rules.norm_class and not _is_marked(module):
+            module.forward = types.MethodType(_make_norm_forward(rules.gemma_norm), module)
+            setattr(module, _PATCHED, True)
         for name in rules.attention_projections:
             child = getattr(module, name, None)
             if isinstance(child, torch.nn.Module) and not _is_marked(child):

@@ -177,3 +177,25 @@ def test_peft_merge_and_unload_works_on_our_4bit_loads(saved_models):
         merged = model.merge_and_unload()
         after = merged(**batch).logits
     assert (before - after).abs().max() < 0.5  # NF4 requantization of the merged weight
+
+
+def test_full_finetuning_and_16bit_lora_train(saved_models):
+    batch = None
+    for kwargs in ({"full_finetuning": True}, {"load_in_4bit": False}):
+        model, tokenizer = FastLanguageModel.from_pretrained(saved_models["mistral"], dtype=torch.float32, **kwargs)
+        if kwargs.get("full_finetuning"):
+            assert all(p.requires_grad for p in model.parameters())
+            assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+        else:
+            model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+        batch = tokenizer(["Bread is baked in a hot oven."], return_tensors="pt")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        model.train()
+        for _ in range(8):
+            loss = model(**batch, labels=batch["input_ids"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]

@@ -1,0 +1,70 @@
+"""FSDP2 (fully_shard per decoder layer and at the root) on two CPU ranks (gloo) against one
+process on the whole batch: the same loss curve over five AdamW steps, adapters gathered and
+saved once. 4-bit (NF4) base weights: see FSDP2_4BIT_UNSUPPORTED in loraforge.distributed."""
+
+import json
+
+import pytest
+import torch
+
+from loraforge import distributed as lfd
+from tests.distributed import launch_workers, requires_gloo
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    launch_workers("fsdp2", out, timeout_s=60)
+    return out
+
+
+def _load(path):
+    return torch.load(path, weights_only=True)
+
+
+def _assert_same_training(sharded: dict, reference: dict) -> None:
+    # fp32 with a different reduction order (two half-batch gradients, reduce-scattered).
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-5)
+    assert reference["losses"][-1] < reference["losses"][0]
+    assert sharded["adapters"].keys() == reference["adapters"].keys()
+    for name, expected in reference["adapters"].items():
+        torch.testing.assert_close(sharded["adapters"][name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@requires_gloo
+def test_fsdp2_16bit_follows_the_one_process_loss_curve(fsdp2_run):
+    sharded = _load(fsdp2_run / "fsdp2_16bit.pt")
+    # Every parameter, base weight and adapter, became a sharded DTensor.
+    assert sharded["dtensor_params"] == sharded["params"] > 0
+    _assert_same_training(sharded, _load(fsdp2_run / "reference_16bit.pt"))
+
+
+@requires_gloo
+def test_fsdp2_4bit(fsdp2_run):
+    refused = fsdp2_run / "fsdp2_4bit_not_implemented.txt"
+    if refused.exists():
+        assert refused.read_text() == lfd.FSDP2_4BIT_UNSUPPORTED
+        pytest.xfail("4-bit FSDP2 waits for base_weight.dense_weight to read Linear4bit.quant_state")
+    sharded = _load(fsdp2_run / "fsdp2_4bit.pt")
+    assert sharded["dtensor_params"] == sharded["params"] > 0
+    _assert_same_training(sharded, _load(fsdp2_run / "reference_4bit.pt"))
+
+
+@requires_gloo
+def test_fsdp2_adapter_is_gathered_and_saved_once(fsdp2_run):
+    assert (fsdp2_run / "fsdp2_save_writers.log").read_text() == "0\n"
+    seen = [json.loads((fsdp2_run / f"fsdp2_save_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(s["adapter_exists_on_return"] for s in seen)
+
+    from safetensors.torch import load_file
+
+    saved = load_file(fsdp2_run / "fsdp2_save" / "adapter_model.safetensors")
+    trained = _load(fsdp2_run / "fsdp2_16bit.pt")["adapters"]
+    assert len(saved) == len(trained)
+    for name, tensor in trained.items():
+        # Full tensors, not rank 0's shard.
+        assert saved[name.replace(".default", "")].shape == tensor.shape
+        torch.testing.assert_close(saved[name.replace(".default", "")], tensor, rtol=0, atol=0)

@@ -20,6 +20,8 @@ _LAZY = {
     "train_on_responses_only": "loraforge.data",
     "save_pretrained_merged": "loraforge.export",
     "save_pretrained_gguf": "loraforge.export",
+    "PatchFastRL": "loraforge.train.patch_fast_rl",
+    "GRPOTrainer": "loraforge.train.grpo",
 }
 
 __all__ = ["nf4", "cuda_kernels_built", "cuda_architectures", "__version__", *_LAZY]
@@ -32,4 +34,8 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in ("rewards", "distributed", "export", "data", "models", "train"):
+        import importlib
+
+        return importlib.import_module(f"loraforge.{name}")
     raise AttributeError(f"module 'loraforge' has no attribute {name!r}")

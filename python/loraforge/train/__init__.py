@@ -1,1 +1,1 @@
-"""Training integration: offloaded gradient checkpointing (SFT and GRPO trainers come later)."""
+"""Training integration: offloaded gradient checkpointing, SFT and GRPO through TRL, chunked log-probs."""

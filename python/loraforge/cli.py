@@ -195,7 +195,7 @@ def _add_sft(commands) -> argparse.ArgumentParser:
                       f"input in CPU memory; true keeps it on the GPU (default: {d.use_gradient_checkpointing})")
     train = parser.add_argument_group("training")
     train.add_argument("--learning-rate", "--lr", dest="learning_rate", type=_positive_float, metavar="LR",
-                       help=f"peak learning rate (default: {d.learning_rate:g} for SFT; RL such as GRPO takes ~5e-6)")
+                       help=f"peak learning rate (default: {d.learning_rate:.0e} for SFT; RL such as GRPO takes ~5e-6)".replace("e-04", "e-4"))
     train.add_argument("--per-device-train-batch-size", "--batch-size", dest="per_device_train_batch_size",
                        type=_positive_int, metavar="N", help=f"examples per step (default: {d.per_device_train_batch_size})")
     train.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="gradient_accumulation_steps",

@@ -118,13 +118,7 @@ def check(impls, missing) -> None:
 
 
 def measure(call: Callable[[int], object]) -> dict:
-    eager = harness.median(harness.time_cuda(call, ROTATIONS))
-    try:
-        kernel = harness.time_cuda_graph(call, ROTATIONS)
-    except RuntimeError as error:  # not capturable: eager only
-        print("graph capture failed:", str(error)[:200])
-        kernel = float("nan")
-    return {"kernel": kernel, "eager": eager, "peak": harness.extra_peak_mib(lambda: call(0))}
+    return harness.measure(call, ROTATIONS)
 
 
 def main() -> None:

@@ -82,6 +82,19 @@ def time_cuda_graph(fn: Callable[[int], object], rotations: int, calls: int = 12
     return median(times)
 
 
+def measure(call: Callable[[int], object], rotations: int) -> dict:
+    """The three numbers every kernel benchmark reports for call(i): device time from graph replay
+    ("kernel", nan when the call cannot be captured), per-call eager time ("eager"), and peak extra
+    memory of one call in MiB ("peak")."""
+    eager = median(time_cuda(call, rotations))
+    try:
+        kernel = time_cuda_graph(call, rotations)
+    except RuntimeError as error:  # not capturable: eager only
+        print("graph capture failed:", str(error)[:200])
+        kernel = float("nan")
+    return {"kernel": kernel, "eager": eager, "peak": extra_peak_mib(lambda: call(0))}
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -42,6 +42,20 @@ def _rope_is_scaled(config) -> bool:
     return params.get("rope_type", params.get("type", "default")) not in ("default", None)
 
 
+_BANNER_SHOWN = False
+
+
+def _print_banner_once() -> None:
+    """What runs where, once per process, as a model loads (LORAFORGE_QUIET=1 silences it)."""
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN or os.environ.get("LORAFORGE_QUIET"):
+        return
+    _BANNER_SHOWN = True
+    from loraforge.env_report import banner
+
+    print(banner())
+
+
 class FastLanguageModel:
     @staticmethod
     def from_pretrained(
@@ -64,6 +78,8 @@ class FastLanguageModel:
         max_seq_length defaults to 2048, or the model's own context when that is shorter; asking
         for more than the model's context needs rope_scaling."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        _print_banner_once()
 
         if load_in_8bit:
             raise NotImplementedError("load_in_8bit is not supported yet; use load_in_4bit=True or 16-bit")

@@ -68,8 +68,8 @@ def test_cli_demo_runs(capsys):
     assert cli.main(["demo", "--steps", "15"]) == 0
     out = capsys.readouterr().out
     assert "bit-exact with bitsandbytes: True" in out and "loss" in out
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--steps", "0"])
+    assert cli.main(["demo", "--steps", "0"]) == 2  # a usage error: exit status 2, with a message
+    assert "--steps" in capsys.readouterr().err
 
 
 def test_cuda_on_without_nvcc_is_a_configure_error(tmp_path):

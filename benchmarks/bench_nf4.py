@@ -43,16 +43,6 @@ def make_states(shape, bnb_functional):
     return states
 
 
-def measure(call) -> dict:
-    eager = harness.median(harness.time_cuda(call, ROTATIONS))
-    try:
-        kernel = harness.time_cuda_graph(call, ROTATIONS)
-    except RuntimeError as error:  # not capturable: report eager only
-        print("graph capture failed:", error)
-        kernel = float("nan")
-    return {"kernel": kernel, "eager": eager}
-
-
 def same_size_copy_us(elements: int) -> float:
     """A device-to-device copy of 1.2578 bytes per element moves (read + write) what the dequantize
     moves; graph-timed like the kernels. At ~150 MB the copy itself runs below the 2 GiB rate."""
@@ -73,7 +63,7 @@ def unsloth_times() -> dict:
     for shape in SHAPES:
         states = make_states(shape, F)
         call = lambda i: fast_dequantize(states[i][0], states[i][1])  # noqa: E731
-        result[f"{shape[0]}x{shape[1]}"] = measure(call)
+        result[f"{shape[0]}x{shape[1]}"] = harness.measure(call, ROTATIONS)
         del states
         torch.cuda.empty_cache()
     return result
@@ -111,8 +101,8 @@ def main() -> None:
         exact = all(torch.equal(loraforge.nf4.dequantize(p, s), F.dequantize_4bit(p, s)) for p, s in states)
         limit_us = shape[0] * shape[1] * BYTES_PER_ELEMENT / (bandwidth * 1e9) * 1e6
         timings = {
-            "loraforge": measure(lambda i: loraforge.nf4.dequantize(*states[i])),
-            "bitsandbytes": measure(lambda i: F.dequantize_4bit(*states[i])),
+            "loraforge": harness.measure(lambda i: loraforge.nf4.dequantize(*states[i]), ROTATIONS),
+            "bitsandbytes": harness.measure(lambda i: F.dequantize_4bit(*states[i]), ROTATIONS),
         }
         if case in unsloth:
             timings["unsloth"] = unsloth[case]

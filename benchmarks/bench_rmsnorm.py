@@ -98,10 +98,6 @@ def check(impls, missing) -> None:
         print(f"{name:14s} {why}")
 
 
-def measure(call: Callable[[int], object]) -> dict:
-    return harness.measure(call, ROTATIONS)
-
-
 def main() -> None:
     args = parse_args()
     impls, missing = implementations()
@@ -124,7 +120,8 @@ def main() -> None:
                 continue
             label = name if weight_grad else f"{name}, frozen weight"
             try:
-                timings[label] = measure(lambda i, norm=norm, inputs=inputs: forward_backward(norm, *inputs[i]))
+                call = lambda i, norm=norm, inputs=inputs: forward_backward(norm, *inputs[i])  # noqa: E731
+                timings[label] = harness.measure(call, ROTATIONS)
                 y, grads = forward_backward(norm, *inputs[0])
                 y64, grads64 = exact(*inputs[0])
                 pairs = zip(("y", "dx", "dw"), (y, *grads), (y64, *grads64))

@@ -112,10 +112,6 @@ def check(impls, missing) -> None:
         print(f"{name:14s} {why}")
 
 
-def measure(call: Callable[[int], object]) -> dict:
-    return harness.measure(call, ROTATIONS)
-
-
 def main() -> None:
     args = parse_args()
     impls, missing = implementations()
@@ -138,7 +134,7 @@ def main() -> None:
     for name, rope_fn in impls.items():
         try:
             notes[name] = errors_vs_exact(rope_fn, pristine, exact_results)
-            timings[name] = measure(lambda i, rope_fn=rope_fn: forward_backward(rope_fn, *inputs[i]))
+            timings[name] = harness.measure(lambda i, rope_fn=rope_fn: forward_backward(rope_fn, *inputs[i]), ROTATIONS)
         except Exception as error:  # noqa: BLE001  (one failing baseline must not lose the others' numbers)
             notes[name] = f"failed: {type(error).__name__}: {error}"[:300]
     del exact_results, pristine

@@ -117,10 +117,6 @@ def check(impls, missing) -> None:
         print(f"{name:34s} {why}")
 
 
-def measure(call: Callable[[int], object]) -> dict:
-    return harness.measure(call, ROTATIONS)
-
-
 def main() -> None:
     args = parse_args()
     impls, missing = implementations()
@@ -145,7 +141,7 @@ def main() -> None:
         for name, glu in by_name.items():
             try:
                 notes[name] = errors_vs_exact(glu, pristine, exact_results)
-                timings[name] = measure(lambda i, glu=glu: forward_backward(glu, *inputs[i]))
+                timings[name] = harness.measure(lambda i, glu=glu: forward_backward(glu, *inputs[i]), ROTATIONS)
             except Exception as error:  # noqa: BLE001  (one failing baseline must not lose the others' numbers)
                 notes[name] = f"failed: {type(error).__name__}: {error}"[:300]
         unavailable = {k.split("/")[1]: v for k, v in missing.items() if k.startswith(activation + "/")}

@@ -44,7 +44,7 @@ import torch
 import trl
 
 from loraforge.train.chunked_logprobs import chunked_token_logprobs
-from loraforge.train.offloaded_checkpointing import offloaded_checkpoint
+from loraforge.train.offloaded_checkpointing import restore_offloaded_checkpointing, uses_offloaded_checkpointing
 
 # Config attributes that change the logits in ways chunked_token_logprobs does not model; a model with
 # any of them set keeps TRL's own scoring.
@@ -117,24 +117,6 @@ def completion_logprobs(causal_lm: torch.nn.Module, input_ids: torch.Tensor, att
     if entropies is not None:
         entropies = entropies.new_zeros(valid.shape).masked_scatter(valid, entropies)
     return logps, entropies
-
-
-def uses_offloaded_checkpointing(model: torch.nn.Module) -> bool:
-    """Whether some layer of `model` checkpoints with loraforge's offloaded function."""
-    return any(getattr(m, "_gradient_checkpointing_func", None) is offloaded_checkpoint for m in model.modules())
-
-
-def restore_offloaded_checkpointing(model: torch.nn.Module) -> None:
-    """Put use_gradient_checkpointing="unsloth"'s function back on every checkpointed layer.
-
-    transformers' Trainer calls gradient_checkpointing_enable() when training starts (GRPOConfig turns
-    gradient_checkpointing on by default) and TRL turns checkpointing off and on around every rollout's
-    scoring; each call installs plain torch checkpointing, which keeps the saved layer inputs on the GPU.
-    """
-    for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if func is not None and func is not offloaded_checkpoint and getattr(module, "gradient_checkpointing", False):
-            module._gradient_checkpointing_func = offloaded_checkpoint
 
 
 class GRPOTrainer(trl.GRPOTrainer):

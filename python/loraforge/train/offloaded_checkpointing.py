@@ -97,3 +97,21 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode) -> None:
         for module in model.modules():
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = offloaded_checkpoint
+
+
+def uses_offloaded_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether some layer of `model` checkpoints with loraforge's offloaded function."""
+    return any(getattr(m, "_gradient_checkpointing_func", None) is offloaded_checkpoint for m in model.modules())
+
+
+def restore_offloaded_checkpointing(model: torch.nn.Module) -> None:
+    """Put use_gradient_checkpointing="unsloth"'s function back on every checkpointed layer.
+
+    transformers' Trainer calls gradient_checkpointing_enable() when training starts (GRPOConfig turns
+    gradient_checkpointing on by default) and TRL turns checkpointing off and on around every rollout's
+    scoring; each call installs plain torch checkpointing, which keeps the saved layer inputs on the GPU.
+    """
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and func is not offloaded_checkpoint and getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = offloaded_checkpoint

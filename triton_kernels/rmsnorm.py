@@ -23,6 +23,8 @@ from loraforge.triton_kernels._rounding import round_to
 MAX_HIDDEN = 65536  # a whole row sits in one program's registers (at 16,384 ptxas already spills a little)
 TILE_ELEMENTS = 2048  # small hidden sizes are tiled several rows per program up to about this many elements
 BWD_PROGRAMS_PER_SM = 2  # persistent backward grid: enough rows in flight, few dw partial rows
+# Overrides for benchmarks/sweep_kernels.py (0: the default rule): rows per program and warps.
+FWD_BLOCK_ROWS = FWD_NUM_WARPS = BWD_BLOCK_ROWS = BWD_NUM_WARPS = 0
 
 
 @triton.jit
@@ -126,6 +128,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: b
     if n_rows == 0:
         return y
     block_h, block_rows, num_warps = _launch_config(hidden)
+    block_rows, num_warps = FWD_BLOCK_ROWS or block_rows, FWD_NUM_WARPS or num_warps
     grid = (triton.cdiv(n_rows, block_rows),)
     _rms_norm_fwd_kernel[grid](
         x, weight, y, n_rows, hidden, x.stride(0), y.stride(0), eps,
@@ -148,6 +151,7 @@ def rms_norm_backward(
     if n_rows == 0:
         return dx, (torch.zeros_like(weight) if weight_grad else None)
     block_h, block_rows, num_warps = _launch_config(hidden)
+    block_rows, num_warps = BWD_BLOCK_ROWS or block_rows, BWD_NUM_WARPS or num_warps
     n_tiles = triton.cdiv(n_rows, block_rows)
     programs = min(num_programs or _default_programs(x.device, n_tiles), n_tiles)
     partial = torch.empty((programs, hidden) if weight_grad else (1,), dtype=torch.float32, device=x.device)

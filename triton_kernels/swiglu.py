@@ -76,9 +76,11 @@ def _swiglu_fwd_kernel(
 def _swiglu_bwd_kernel(
     dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_cols,
     dh_row_stride, gate_row_stride, up_row_stride, dgate_row_stride, dup_row_stride,
-    DH_COL_STRIDE: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+    DH_COL_STRIDE: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, WRITE_H: tl.constexpr = False,
 ):  # fmt: skip
     # DH_COL_STRIDE is 1, or 0 for a gradient broadcast along the row (`h.sum().backward()`).
+    # WRITE_H: also store h = act(gate) * up over dh (the MLP backward needs h for the down
+    # projection's LoRA gradients after dh is spent; this saves recomputing it in a pass of its own).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -90,6 +92,8 @@ def _swiglu_bwd_kernel(
     tl.store(dgate_ptr + row * dgate_row_stride + cols, round_to(dh * u * slope, dgate_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
     tl.store(dup_ptr + row * dup_row_stride + cols, round_to(dh * a, dup_ptr.dtype.element_ty), mask=mask)
+    if WRITE_H:  # the forward kernel's formula, so h is bit for bit the forward's
+        tl.store(dh_ptr + row * dh_row_stride + cols, round_to(a * u, dh_ptr.dtype.element_ty), mask=mask)
 
 
 def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
@@ -116,10 +120,11 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str, h: tor
     )  # fmt: skip
 
 
-def swiglu_backward(grad_h, gate, up, activation: str, grad_gate, grad_up) -> None:
+def swiglu_backward(grad_h, gate, up, activation: str, grad_gate, grad_up, write_h: bool = False) -> None:
     """Gradients of h = act(gate) * up, written into grad_gate and grad_up, which may be gate and up
-    themselves. grad_h's last stride may be 0 or 1, the others' must be 1."""
-    _check_last_stride({"grad_h": grad_h}, (0, 1))
+    themselves. grad_h's last stride may be 0 or 1, the others' must be 1. With write_h, h itself is
+    written over grad_h (whose last stride must then be 1)."""
+    _check_last_stride({"grad_h": grad_h}, (1,) if write_h else (0, 1))
     _check_last_stride({"gate": gate, "up": up, "grad_gate": grad_gate, "grad_up": grad_up})
     n_rows, n_cols = gate.shape
     if n_rows * n_cols == 0:
@@ -128,5 +133,6 @@ def swiglu_backward(grad_h, gate, up, activation: str, grad_gate, grad_up) -> No
     _swiglu_bwd_kernel[grid](
         grad_h, gate, up, grad_gate, grad_up, n_cols,
         grad_h.stride(0), gate.stride(0), up.stride(0), grad_gate.stride(0), grad_up.stride(0),
-        DH_COL_STRIDE=grad_h.stride(1), ACTIVATION=ACTIVATIONS[activation], BLOCK=block, num_warps=4,
+        DH_COL_STRIDE=grad_h.stride(1), ACTIVATION=ACTIVATIONS[activation], BLOCK=block, WRITE_H=write_h,
+        num_warps=4,
     )  # fmt: skip

@@ -328,3 +328,33 @@ def test_cuda_matches_reference(seed, grad_weight_fp32):
     outputs = [loss.detach().cpu()] + [t.grad.cpu() for t in leaves]
     factor = 2.0 if grad_weight_fp32 else 2.0 * math.sqrt(3)
     check_all(outputs, x, weight, bias, targets, "cuda", grad_weight_factor=factor, other_matmul=True, softcap=30.0)
+
+
+def test_backward_allocates_no_weight_sized_tensor(seed):
+    """The gradients are formed in the forward; the backward must not fill, clone or copy anything of
+    dW's size (autograd's zero gradients for the unused gradient outputs, or AccumulateGrad copying
+    dW, each cost a whole extra [V, H] buffer on the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WeightSized(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.ops = tuple(shape), []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            is_view = func._schema.is_mutable is False and any(a.alias_info for a in func._schema.returns)
+            if not is_view and any(isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape for t in outs):
+                self.ops.append(str(func))
+            return out
+
+    x = torch.randn(37, 24, requires_grad=True)
+    w = torch.randn(101, 24, requires_grad=True)
+    t = torch.randint(0, 101, (37,))
+    loss = flce.fused_linear_cross_entropy(x, w, t)
+    with WeightSized(w.shape) as mode:
+        loss.backward()
+    assert mode.ops == [], f"backward made weight-sized tensors with {mode.ops}"
+    ref = flce.fused_linear_cross_entropy_reference(x.detach(), w.detach(), None, t)
+    torch.testing.assert_close(w.grad, ref[2], rtol=1e-5, atol=1e-6)

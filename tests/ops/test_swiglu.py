@@ -68,6 +68,11 @@ def test_triton_kernels_within_rule(seed, dtype, activation):
         gate_buffer, up_buffer = gate.clone(), up.clone()
         kernels.swiglu_backward(grad_h, gate_buffer, up_buffer, activation, gate_buffer, up_buffer)
         assert torch.equal(gate_buffer, grad_gate) and torch.equal(up_buffer, grad_up)
+        # And with h written over grad_h: h bit for bit the forward kernel's, the same gradients.
+        gate_buffer, up_buffer, h_buffer = gate.clone(), up.clone(), grad_h.clone()
+        kernels.swiglu_backward(h_buffer, gate_buffer, up_buffer, activation, gate_buffer, up_buffer, write_h=True)
+        assert torch.equal(h_buffer, h)
+        assert torch.equal(gate_buffer, grad_gate) and torch.equal(up_buffer, grad_up)
 
 
 @pytest.mark.parametrize("reuse", (False, True), ids=("new-buffers", "reuse-inputs"))
@@ -126,6 +131,13 @@ def test_cuda_kernels_of_the_ops(seed):
         gate_c, up_c = gate.contiguous(), up.contiguous()
         glu_ops._backward_inplace_cuda(ones, gate_c, up_c, activation)
         assert torch.equal(gate_c, ours[0]) and torch.equal(up_c, ours[1])
+        # gated_activation_backward_h_: h over grad_h, gradients over gate and up, against the reference.
+        grad_h = torch.randn(gate.shape).to(torch.bfloat16).to(DEVICE)
+        expected = glu_ops.gated_activation_backward_reference(grad_h, gate, up, activation)
+        gate_c, up_c, h_c = gate.contiguous(), up.contiguous(), grad_h.clone()
+        glu_ops._backward_h_inplace_cuda(h_c, gate_c, up_c, activation)
+        torch.testing.assert_close(h_c, expected_h, **ONE_BF16_ULP)
+        torch.testing.assert_close((gate_c, up_c), expected, **ONE_BF16_ULP)
 
 
 def test_opcheck_and_compile(seed):
@@ -136,6 +148,8 @@ def test_opcheck_and_compile(seed):
     torch.library.opcheck(torch.ops.loraforge.gated_activation_backward.default, (grad_h, gate, up, "silu"))
     torch.library.opcheck(torch.ops.loraforge.gated_activation_backward_.default,
                           (grad_h, gate.clone(), up.clone(), "gelu"))  # fmt: skip
+    torch.library.opcheck(torch.ops.loraforge.gated_activation_backward_h_.default,
+                          (grad_h.clone(), gate.clone(), up.clone(), "silu"))  # fmt: skip
     # Transposed inputs: outputs stay contiguous, as the fake kernel says.
     torch.library.opcheck(torch.ops.loraforge.gated_activation.default, (gate.t(), up.t(), "silu", False))
     torch.library.opcheck(torch.ops.loraforge.gated_activation_backward.default, (grad_h.t(), gate.t(), up.t(), "silu"))
@@ -172,6 +186,8 @@ def test_bad_input_raises_clear_errors():
         torch.ops.loraforge.gated_activation_backward(torch.randn(4, 8), gate, up, "silu")
     with pytest.raises(ValueError, match="must be contiguous to receive"):
         torch.ops.loraforge.gated_activation_backward_(torch.randn(32, 4), gate.t(), up.t(), "silu")
+    with pytest.raises(ValueError, match="grad_h must be contiguous with gate's shape"):
+        torch.ops.loraforge.gated_activation_backward_h_(torch.randn(32, 4).t(), gate, up, "silu")
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -111,11 +111,13 @@ class FastLanguageModel:
             **({"device_map": device_map} if prequantized and device_map is not None else {}), **kwargs,
         )  # fmt: skip
         if not prequantized:
-            model.to(device)
             if load_in_4bit:
                 from loraforge.models.quantize_model import quantize_linears
 
-                quantize_linears(model, compute_dtype)
+                # Layer by layer onto the device, so the 16-bit model never sits on the GPU whole.
+                quantize_linears(model, compute_dtype, device=device)
+            model.to(device)
+            if load_in_4bit:
                 # What transformers sets for its own bitsandbytes loads; PEFT keys its 4-bit LoRA
                 # layer (and merge_and_unload) on it.
                 model.is_loaded_in_4bit = True

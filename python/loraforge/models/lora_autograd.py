@@ -25,9 +25,10 @@ projection as above:
 
     G = proj_g(X), U = proj_u(X), Hm = act(G) * U, Out = proj_d(Hm)
 
-Backward from dOut: dHm from proj_d's rule (with its input Hm, recomputed from the saved G and U),
-then dG = dHm * U * act'(G) and dU = dHm * act(G), then proj_g's and proj_u's rules with input X,
-dX summed over both. Saved: X, G, U (G and U are needed for act'(G); Hm is recomputed).
+Backward from dOut: dHm from proj_d's rule (dHm = dOut W_d + s (dOut B_d) A_d needs no Hm), then
+one kernel makes dG = dHm * U * act'(G), dU = dHm * act(G) and Hm = act(G) * U (recomputed from the
+saved G and U, written where dHm was), then proj_d's dA and dB from Hm, then proj_g's and proj_u's
+rules with input X, dX summed over both. Saved: X, G, U (G and U are needed for act'(G)).
 """
 
 from __future__ import annotations
@@ -164,14 +165,24 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, x, g, u, dout):
         gate, up, down = ctx.projs
-        # One fused kernel recomputes Hm, one more turns (dHm, G, U) into (dG, dU) in G's and U's own
-        # storage: they are dead after this, and the MLP's largest activations are not allocated twice.
-        h = torch.ops.loraforge.gated_activation(g, u, ctx.activation, False)
-        dh, d_dA, d_dB = _backward(down, h, _flat(dout), None)
-        del h
-        torch.ops.loraforge.gated_activation_backward_(dh.contiguous(), g, u, ctx.activation)
-        dg, du = g, u
-        del dh
+        dout = _flat(dout)
+        # dHm first (it needs no Hm), then one fused kernel turns (dHm, G, U) into (dG, dU) in G's and
+        # U's own storage and writes Hm over dHm: the MLP's largest activations are never allocated
+        # twice, and Hm is not recomputed in a pass of its own. Hm then serves down's LoRA gradients.
+        w = dense_weight(down.base, dout.dtype)
+        dh = dout @ w
+        del w
+        if down.A is not None:
+            a, b, s = down.A.to(dout.dtype), down.B.to(dout.dtype), down.scaling
+            grad_hd = (dout @ b).mul_(s)  # dL/d(Hm A^T), [n, r]
+            dh.addmm_(grad_hd, a)
+        torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, ctx.activation)
+        h, dg, du = dh, g, u
+        d_dA = d_dB = None
+        if down.A is not None:
+            d_dB = (dout.t() @ (h @ a.t())).mul_(s).to(down.B.dtype)
+            d_dA = (grad_hd.t() @ h).to(down.A.dtype)
+        del h, dh
         flat = _flat(x)
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)

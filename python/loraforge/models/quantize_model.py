@@ -12,8 +12,13 @@ from loraforge import nf4
 
 
 def quantize_linears(model: torch.nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",),
-                     blocksize: int = 64, compress_statistics: bool = True) -> int:  # fmt: skip
-    """Replace every nn.Linear (except names in `skip`) by an NF4 Linear4bit; returns how many."""
+                     blocksize: int = 64, compress_statistics: bool = True,
+                     device: torch.device | str | None = None) -> int:  # fmt: skip
+    """Replace every nn.Linear (except names in `skip`) by an NF4 Linear4bit; returns how many.
+
+    With `device`, each weight is moved there one at a time and quantized there, so a model held in
+    host memory reaches the GPU already in 4 bits: GPU memory never holds more than the quantized
+    model plus one 16-bit weight (an 8B model would otherwise need 16 GB on the GPU to load)."""
     import bitsandbytes as bnb
 
     replaced = 0
@@ -21,15 +26,19 @@ def quantize_linears(model: torch.nn.Module, compute_dtype: torch.dtype, skip: t
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or name in skip:
                 continue
-            packed, state = nf4.quantize(child.weight.data, blocksize=blocksize, compress_statistics=compress_statistics)
+            weight = child.weight.data if device is None else child.weight.data.to(device)
+            packed, state = nf4.quantize(weight, blocksize=blocksize, compress_statistics=compress_statistics)
+            del weight
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", device="meta")  # fmt: skip
             layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
                                              compress_statistics=compress_statistics, quant_type="nf4",
                                              quant_storage=torch.uint8, bnb_quantized=True, module=layer)  # fmt: skip
             if child.bias is not None:
-                layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+                bias = child.bias.data.to(compute_dtype)
+                layer.bias = torch.nn.Parameter(bias if device is None else bias.to(device), requires_grad=False)
             layer.quant_state = state
             setattr(parent, name, layer)
+            child.weight = None  # free the 16-bit weight now, not when the loop ends
             replaced += 1
     return replaced

@@ -3,6 +3,8 @@
     loraforge::gated_activation(gate, up, activation, reuse_inputs_in_backward) -> h
     loraforge::gated_activation_backward(grad_h, gate, up, activation) -> (grad_gate, grad_up)
     loraforge::gated_activation_backward_(grad_h, gate!, up!, activation) -> ()   grads written over gate, up
+    loraforge::gated_activation_backward_h_(grad_h!, gate!, up!, activation) -> ()
+        the same, and h itself written over grad_h (for a backward that needs h after dh: the MLP's)
 
 activation: "silu" (SwiGLU: Llama, Mistral, Qwen), "gelu" (GeGLU with the exact erf GeLU) or "gelu_tanh"
 (GeGLU with the tanh approximation: Gemma's gelu_pytorch_tanh). gate and up: same shape [..., cols], same
@@ -216,6 +218,46 @@ gated_activation_backward_inplace = define_op(
     cpu=_backward_inplace_reference,
     cuda=_backward_inplace_cuda,
     fake=_backward_inplace_fake,
+)
+
+
+def _backward_h_inplace_reference(grad_h, gate, up, activation):
+    _check_backward_args(grad_h, gate, up, activation)
+    _check_overwritable(gate, up)
+    if grad_h.shape != gate.shape or not grad_h.is_contiguous():
+        raise ValueError(f"grad_h must be contiguous with gate's shape {list(gate.shape)} to receive h in place, "
+                         f"got shape {list(grad_h.shape)} and strides {list(grad_h.stride())}")  # fmt: skip
+    grad_gate, grad_up = gated_activation_backward_reference(grad_h, gate, up, activation)
+    grad_h.copy_(gated_activation_reference(gate, up, activation))
+    gate.copy_(grad_gate)
+    up.copy_(grad_up)
+
+
+def _backward_h_inplace_cuda(grad_h, gate, up, activation):
+    _backward_h_inplace_fake(grad_h, gate, up, activation)
+    if gate.numel() == 0:
+        return
+    cols = gate.shape[-1]
+    gate_rows, up_rows = gate.view(-1, cols), up.view(-1, cols)
+    with _native.on_device(gate.device):
+        _triton().swiglu_backward(grad_h.view(-1, cols), gate_rows, up_rows, activation, gate_rows, up_rows,
+                                  write_h=True)  # fmt: skip
+
+
+def _backward_h_inplace_fake(grad_h, gate, up, activation):
+    _check_backward_args(grad_h, gate, up, activation)
+    _check_overwritable(gate, up)
+    if grad_h.shape != gate.shape or not grad_h.is_contiguous():
+        raise ValueError(f"grad_h must be contiguous with gate's shape {list(gate.shape)} to receive h in place, "
+                         f"got shape {list(grad_h.shape)} and strides {list(grad_h.stride())}")  # fmt: skip
+
+
+gated_activation_backward_h_inplace = define_op(
+    "gated_activation_backward_h_(Tensor(a!) grad_h, Tensor(b!) gate, Tensor(c!) up, str activation) -> ()",
+    reference=_backward_h_inplace_reference,
+    cpu=_backward_h_inplace_reference,
+    cuda=_backward_h_inplace_cuda,
+    fake=_backward_h_inplace_fake,
 )
 
 

@@ -7,8 +7,11 @@ backward. Around it, saved-tensor hooks move what is saved to pinned host memory
 * pack (forward): the copy to host runs on a side stream, ordered after the work that produced
   the tensor, so the compute stream never waits for PCIe; the GPU tensor is kept alive only until
   that copy has finished (an event), and then released.
-* unpack (backward): the copy back to the GPU is issued on the compute stream from pinned memory
-  (asynchronous), right where backward needs it.
+* unpack (backward): backward visits the layers in reverse, so when layer i asks for its input we
+  also start copying layer i-1's input back on the side stream (prefetch); by the time layer i's
+  backward is done, the next input is on the GPU and the compute stream only waits on an event.
+  Without the prefetch each layer's backward would first stall on a PCIe copy (32 MiB per layer of
+  an 8B model at 2 x 2,048 tokens: ~1.3 ms, ~40 ms a step) -- measured on an H100.
 
 PyTorch's `save_on_cpu` does the same without the side stream: its device-to-host copy is
 synchronous and stalls the GPU at every layer. On a CPU model there is nothing to offload and
@@ -18,6 +21,7 @@ this is plain checkpointing.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -26,9 +30,9 @@ _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a
 
 
 class _Offloaded:
-    __slots__ = ("host", "device", "done", "gpu")
+    __slots__ = ("host", "device", "done", "gpu", "prev", "fetched", "fetched_event", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream):
+    def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
         self.device = tensor.device
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
         side.wait_stream(torch.cuda.current_stream(tensor.device))
@@ -37,11 +41,36 @@ class _Offloaded:
             self.done = torch.cuda.Event()
             self.done.record(side)
         self.gpu = tensor  # alive until the copy completes (see _reap)
+        # The tensor saved just before this one (a weak link: a graph that is dropped unused must not
+        # keep its predecessors' host buffers alive); backward will ask for it next.
+        self.prev = weakref.ref(prev) if prev is not None else None
+        self.fetched = self.fetched_event = None
 
-    def restore(self) -> torch.Tensor:
-        torch.cuda.current_stream(self.device).wait_event(self.done)
-        self.gpu = None
-        return self.host.to(self.device, non_blocking=True)
+    def prefetch(self, side: torch.cuda.Stream) -> None:
+        """Start the copy back to the GPU on the side stream (once)."""
+        if self.fetched is not None or self.host is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        side.wait_event(self.done)
+        with torch.cuda.stream(side):
+            self.fetched = self.host.to(self.device, non_blocking=True)
+            self.fetched_event = torch.cuda.Event()
+            self.fetched_event.record(side)
+        self.fetched.record_stream(compute)
+
+    def restore(self, side: torch.cuda.Stream) -> torch.Tensor:
+        compute = torch.cuda.current_stream(self.device)
+        if self.fetched is None:
+            compute.wait_event(self.done)
+            tensor = self.host.to(self.device, non_blocking=True)
+        else:
+            compute.wait_event(self.fetched_event)
+            tensor = self.fetched
+        self.gpu = self.fetched = None
+        previous = self.prev() if self.prev is not None else None
+        if previous is not None:
+            previous.prefetch(side)
+        return tensor
 
 
 class _OffloadHooks:
@@ -50,6 +79,7 @@ class _OffloadHooks:
     def __init__(self):
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.in_flight: list[_Offloaded] = []
+        self.last: dict[torch.device, weakref.ref] = {}
 
     def _reap(self) -> None:
         # Drop GPU references whose host copy has completed, without waiting for the others.
@@ -62,14 +92,17 @@ class _OffloadHooks:
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < _MIN_OFFLOAD_BYTES:
             return tensor
         side = self.streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
-        item = _Offloaded(tensor, side)
+        last = self.last.get(tensor.device)
+        item = _Offloaded(tensor, side, last() if last is not None else None)
+        self.last[tensor.device] = weakref.ref(item)
         self._reap()
         self.in_flight.append(item)
         return item
 
-    @staticmethod
-    def unpack(packed):
-        return packed.restore() if isinstance(packed, _Offloaded) else packed
+    def unpack(self, packed):
+        if not isinstance(packed, _Offloaded):
+            return packed
+        return packed.restore(self.streams[packed.device])
 
 
 _HOOKS = _OffloadHooks()

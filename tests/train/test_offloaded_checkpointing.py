@@ -1,0 +1,63 @@
+"""use_gradient_checkpointing="unsloth" at the level of the checkpoint function: layer inputs large
+enough to be offloaded go to pinned host memory and come back (prefetched one layer ahead) with the
+same gradients as no checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraforge.train import offloaded_checkpointing as oc
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def _grads(blocks, x, checkpoint_fn):
+    for block in blocks:
+        block.zero_grad(set_to_none=True)
+    h = x
+    for block in blocks:
+        h = checkpoint_fn(block, h) if checkpoint_fn else block(h)
+    (h.float() ** 2).mean().backward()
+    return [p.grad.clone() for block in blocks for p in block.parameters()]
+
+
+@pytest.mark.gpu
+def test_offloaded_layers_prefetch_and_match_plain_gradients(seed):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(seed)
+    width, tokens, layers = 96, 4099, 6  # 4099 x 96 fp32 = 1.5 MiB per layer input: offloaded
+    blocks = [Block(width).cuda() for _ in range(layers)]
+    x = torch.randn(tokens, width, device="cuda", requires_grad=True)
+    expected = _grads(blocks, x, None)
+
+    restored, prefetched = [], []
+    original_restore, original_prefetch = oc._Offloaded.restore, oc._Offloaded.prefetch
+
+    def restore(self, side):
+        restored.append(self.fetched is not None)  # True: its copy was already started by a prefetch
+        return original_restore(self, side)
+
+    def prefetch(self, side):
+        prefetched.append(1)
+        return original_prefetch(self, side)
+
+    oc._Offloaded.restore, oc._Offloaded.prefetch = restore, prefetch
+    try:
+        got = _grads(blocks, x, oc.offloaded_checkpoint)
+    finally:
+        oc._Offloaded.restore, oc._Offloaded.prefetch = original_restore, original_prefetch
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(restored) == layers  # every layer input went to the host and came back
+    assert restored[0] is False and all(restored[1:])  # all but the last layer's input were prefetched
+    assert len(prefetched) >= layers - 1

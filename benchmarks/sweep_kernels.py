@@ -29,45 +29,31 @@ def sweep_rmsnorm(bandwidth: float) -> list[dict]:
     from loraforge.triton_kernels import rmsnorm as k
 
     rows, hidden = 8192, 4096
-    xs = [
-        torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-        for _ in range(ROT)
-    ]
+    xs = [torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(ROT)]
     w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
     dys = [torch.randn_like(x) for x in xs]
     dy_bcast = torch.ones((), device="cuda", dtype=torch.bfloat16).expand(rows, hidden)
-    pass_us = (
-        rows * hidden * 2 / (bandwidth * 1e9 / 2) * 1e6
-    )  # one read or one write of x
+    pass_us = rows * hidden * 2 / (bandwidth * 1e9) * 1e6  # one read or write of x (bandwidth: read + write)
     out = []
-    for block_rows, warps in itertools.product((1, 2, 4), (2, 4, 8, 16)):
+    for block_rows, warps in itertools.product((1, 2), (1, 2, 4, 8)):
         k.FWD_BLOCK_ROWS, k.FWD_NUM_WARPS = block_rows, warps
         t = timed(lambda i: k.rms_norm_forward(xs[i], w, 1e-6, False, torch.bfloat16))
         out.append({"kernel": "rmsnorm_fwd", "block_rows": block_rows, "warps": warps, "us": t,
                     "fraction": 2 * pass_us / t})  # fmt: skip
     k.FWD_BLOCK_ROWS = k.FWD_NUM_WARPS = 0
     default_pps = k.BWD_PROGRAMS_PER_SM
-    for pps, block_rows, warps in itertools.product((2, 4, 8, 16), (1, 2), (4, 8, 16)):
-        k.BWD_PROGRAMS_PER_SM, k.BWD_BLOCK_ROWS, k.BWD_NUM_WARPS = (
-            pps,
-            block_rows,
-            warps,
-        )
+    for pps, warps, stages in itertools.product((2, 4, 8, 16, 32), (1, 2, 4, 8), (1, 2)):
+        k.BWD_PROGRAMS_PER_SM, k.BWD_NUM_WARPS, k.BWD_STAGES = pps, warps, stages
+        config = {"kernel": "rmsnorm_bwd", "pps": pps, "warps": warps, "stages": stages}
         try:
-            full = timed(
-                lambda i: k.rms_norm_backward(dys[i], xs[i], w, 1e-6, False, True)
-            )
-            bcast = timed(
-                lambda i: k.rms_norm_backward(dy_bcast, xs[i], w, 1e-6, False, True)
-            )
+            full = timed(lambda i: k.rms_norm_backward(dys[i], xs[i], w, 1e-6, False, True))
+            bcast = timed(lambda i: k.rms_norm_backward(dy_bcast, xs[i], w, 1e-6, False, True))
         except Exception as error:  # noqa: BLE001  (out of resources for a config: note it, go on)
-            out.append({"kernel": "rmsnorm_bwd", "pps": pps, "block_rows": block_rows, "warps": warps,
-                        "error": str(error)[:120]})  # fmt: skip
+            out.append({**config, "error": str(error)[:120]})
             continue
-        out.append({"kernel": "rmsnorm_bwd", "pps": pps, "block_rows": block_rows, "warps": warps,
-                    "us_full_dy": full, "fraction_full": 3 * pass_us / full, "us_bcast_dy": bcast,
+        out.append({**config, "us_full_dy": full, "fraction": 3 * pass_us / full, "us_bcast_dy": bcast,
                     "fraction_bcast": 2 * pass_us / bcast})  # fmt: skip
-    k.BWD_PROGRAMS_PER_SM, k.BWD_BLOCK_ROWS, k.BWD_NUM_WARPS = default_pps, 0, 0
+    k.BWD_PROGRAMS_PER_SM, k.BWD_NUM_WARPS, k.BWD_STAGES = default_pps, 0, 1
     return out
 
 
@@ -75,33 +61,23 @@ def sweep_rope(bandwidth: float) -> list[dict]:
     from loraforge.triton_kernels import rope as k
 
     b, s, hq, hk, d = 4, 4096, 32, 8, 128
-    qs = [
-        torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        for _ in range(ROT)
-    ]
-    ks = [
-        torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        for _ in range(ROT)
-    ]
+    qs = [torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(ROT)]
+    ks = [torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(ROT)]
     cos = torch.randn(1, s, d, device="cuda", dtype=torch.bfloat16)
     sin = torch.randn(1, s, d, device="cuda", dtype=torch.bfloat16)
     q_out = [torch.empty_like(q) for q in qs]
     k_out = [torch.empty_like(x) for x in ks]
-    pass_us = b * s * (hq + hk) * d * 2 / (bandwidth * 1e9 / 2) * 1e6
+    grads_q = [torch.randn_like(q) for q in qs]
+    grads_k = [torch.randn_like(x) for x in ks]
+    pass_us = b * s * (hq + hk) * d * 2 / (bandwidth * 1e9) * 1e6
     out = []
-    for tile, warps in itertools.product((512, 1024, 2048, 4096), (1, 2, 4, 8)):
-        k.TILE_ELEMENTS, k.NUM_WARPS = tile, warps
+    for warps in (1, 2, 4, 8):
+        k.NUM_WARPS = warps
         t = timed(lambda i: k.rope_forward(qs[i], ks[i], cos, sin, q_out[i], k_out[i]))
-        out.append(
-            {
-                "kernel": "rope_fwd",
-                "tile": tile,
-                "warps": warps,
-                "us": t,
-                "fraction": 2 * pass_us / t,
-            }
-        )
-    k.TILE_ELEMENTS, k.NUM_WARPS = 2048, 0
+        out.append({"kernel": "rope_fwd", "warps": warps, "us": t, "fraction": 2 * pass_us / t})
+        t = timed(lambda i: k.rope_backward(grads_q[i], grads_k[i], cos, sin, q_out[i], k_out[i]))
+        out.append({"kernel": "rope_bwd", "warps": warps, "us": t, "fraction": 2 * pass_us / t})
+    k.NUM_WARPS = 0
     return out
 
 

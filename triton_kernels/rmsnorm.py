@@ -25,6 +25,7 @@ TILE_ELEMENTS = 2048  # small hidden sizes are tiled several rows per program up
 BWD_PROGRAMS_PER_SM = 2  # persistent backward grid: enough rows in flight, few dw partial rows
 # Overrides for benchmarks/sweep_kernels.py (0: the default rule): rows per program and warps.
 FWD_BLOCK_ROWS = FWD_NUM_WARPS = BWD_BLOCK_ROWS = BWD_NUM_WARPS = 0
+BWD_STAGES = 1  # software pipelining of the backward's row loop
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def _rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_rows, hidden,
     dy_row_stride, x_row_stride, dx_row_stride, eps,
     DY_COL_STRIDE: tl.constexpr, GEMMA: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     # DY_COL_STRIDE is 1, or 0 for a gradient broadcast along the row (as `y.sum().backward()` makes):
     # reading it in place avoids materialising it.
@@ -76,7 +77,7 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
 
     n_tiles = tl.cdiv(n_rows, BLOCK_ROWS)
-    for tile in range(pid, n_tiles, programs):
+    for tile in tl.range(pid, n_tiles, programs, num_stages=STAGES):  # STAGES > 1: next rows' loads in flight
         rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
@@ -158,7 +159,7 @@ def rms_norm_backward(
     _rms_norm_bwd_kernel[(programs,)](
         dy, x, weight, dx, partial, n_rows, hidden, dy.stride(0), x.stride(0), dx.stride(0), eps,
         DY_COL_STRIDE=dy.stride(1), GEMMA=gemma, WEIGHT_GRAD=weight_grad,
-        BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+        BLOCK_ROWS=block_rows, BLOCK_H=block_h, STAGES=BWD_STAGES, num_warps=num_warps,
     )  # fmt: skip
     dw = partial.sum(dim=0).to(weight.dtype) if weight_grad else None
     return dx, dw

@@ -45,6 +45,40 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def stream_gaps(prof, top: int = 30) -> dict:
+    """Idle time of the busiest stream between consecutive kernels, and the largest gaps with the
+    kernels on either side and the CPU ops running when the gap began (what the GPU waited for)."""
+    import tempfile as _tempfile
+
+    with _tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        prof.export_chrome_trace(handle.name)
+        trace = json.load(open(handle.name))["traceEvents"]
+    kernels = [e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_stream: dict = {}
+    for e in kernels:
+        by_stream.setdefault(e.get("args", {}).get("stream"), []).append(e)
+    if not by_stream:
+        return {}
+    stream, events = max(by_stream.items(), key=lambda kv: sum(e["dur"] for e in kv[1]))
+    events.sort(key=lambda e: e["ts"])
+    cpu_ops = sorted((e for e in trace if e.get("cat") == "cpu_op" and "dur" in e), key=lambda e: e["ts"])
+    gaps = []
+    for before, after in zip(events, events[1:]):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > 0:
+            gaps.append((gap, before, after))
+    total = sum(g for g, _, _ in gaps)
+    largest = sorted(gaps, key=lambda t: -t[0])[:top]
+    described = []
+    for gap, before, after in largest:
+        start = before["ts"] + before["dur"]
+        running = [e["name"][:60] for e in cpu_ops if e["ts"] <= start <= e["ts"] + e["dur"]][-4:]
+        described.append((round(gap, 1), before["name"][:50], after["name"][:50], running))
+    small = sum(g for g, _, _ in gaps if g < 20)
+    return {"busiest_stream": stream, "stream_idle_ms": total / 1e3, "idle_in_gaps_under_20us_ms": small / 1e3,
+            "gaps_over_100us": sum(1 for g, _, _ in gaps if g > 100), "largest_gaps": described}  # fmt: skip
+
+
 def profile_variant(impl: str, folder: str, batch: int, seq: int) -> dict:
     if impl == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
@@ -94,8 +128,10 @@ def profile_variant(impl: str, folder: str, batch: int, seq: int) -> dict:
         ),
         key=lambda t: -t[1],
     )[:20]
+    gaps = stream_gaps(prof)
     return {
         "impl": impl,
+        **gaps,
         "step_ms": plain_ms,
         "profiled_step_ms": profiled_ms,
         "gpu_busy_ms": sum(groups.values()),

@@ -11,12 +11,6 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: testing.save_tiny_model(root / arch, arch=arch, seed=3) for arch in testing.ARCHITECTURES}
-
-
 def _pair(path, load_in_4bit, seed):
     """The same weights and adapters twice: one patched (ours), one unpatched (plain PEFT)."""
     models = []

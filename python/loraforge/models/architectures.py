@@ -1,19 +1,34 @@
 """One small rule table per architecture: which module classes get which fast forward.
 
-`mlp` names the gated-MLP class and its activation; `attention_projections` the Linear names that
-get the fused LoRA projection; `max_positions_key` where the config keeps its trained context. An
-architecture not listed here still trains, through plain PEFT, with a warning (see patch.py).
+`mlp` names the gated-MLP class and its activation; `attention` the self-attention class and what
+its forward does beyond Llama's (attention.py); `attention_projections` the Linear names that get
+the fused LoRA projection. An architecture not listed here still trains, through plain PEFT, with a
+warning (see patch.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class AttentionRules:
+    """What one family's attention forward does beyond Llama's (see attention.py)."""
+
+    class_name: str
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k (`q_norm`, `k_norm`), before RoPE
+    # Where the backend's `sliding_window` keyword comes from: not passed (""), `config.sliding_window`
+    # on every layer (Mistral), or the module's own `sliding_window` (None on full-attention layers).
+    sliding_window: Literal["", "config", "module"] = ""
+    softcap: bool = False  # Gemma 2: the backend's `softcap` keyword is `attn_logit_softcapping`
 
 
 @dataclass(frozen=True)
 class ArchitectureRules:
     mlp_class: str
     activation: str  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU as Gemma uses it)
+    attention: AttentionRules | None = None  # None: attention keeps its stock forward
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     norm_class: str = ""  # RMSNorm class (q/k norms of Qwen3 included)
@@ -21,13 +36,31 @@ class ArchitectureRules:
 
 
 RULES: dict[str, ArchitectureRules] = {
-    "llama": ArchitectureRules(mlp_class="LlamaMLP", activation="silu", norm_class="LlamaRMSNorm"),
-    "mistral": ArchitectureRules(mlp_class="MistralMLP", activation="silu", norm_class="MistralRMSNorm"),
-    "qwen2": ArchitectureRules(mlp_class="Qwen2MLP", activation="silu", norm_class="Qwen2RMSNorm"),
-    "qwen3": ArchitectureRules(mlp_class="Qwen3MLP", activation="silu", norm_class="Qwen3RMSNorm"),
-    "gemma": ArchitectureRules(mlp_class="GemmaMLP", activation="gelu_tanh", norm_class="GemmaRMSNorm", gemma_norm=True),
-    "gemma2": ArchitectureRules(mlp_class="Gemma2MLP", activation="gelu_tanh", norm_class="Gemma2RMSNorm", gemma_norm=True),
-}
+    "llama": ArchitectureRules(
+        mlp_class="LlamaMLP", activation="silu", norm_class="LlamaRMSNorm",
+        attention=AttentionRules("LlamaAttention"),
+    ),
+    "mistral": ArchitectureRules(
+        mlp_class="MistralMLP", activation="silu", norm_class="MistralRMSNorm",
+        attention=AttentionRules("MistralAttention", sliding_window="config"),
+    ),
+    "qwen2": ArchitectureRules(
+        mlp_class="Qwen2MLP", activation="silu", norm_class="Qwen2RMSNorm",
+        attention=AttentionRules("Qwen2Attention", sliding_window="module"),
+    ),
+    "qwen3": ArchitectureRules(
+        mlp_class="Qwen3MLP", activation="silu", norm_class="Qwen3RMSNorm",
+        attention=AttentionRules("Qwen3Attention", qk_norm=True, sliding_window="module"),
+    ),
+    "gemma": ArchitectureRules(
+        mlp_class="GemmaMLP", activation="gelu_tanh", norm_class="GemmaRMSNorm", gemma_norm=True,
+        attention=AttentionRules("GemmaAttention"),
+    ),
+    "gemma2": ArchitectureRules(
+        mlp_class="Gemma2MLP", activation="gelu_tanh", norm_class="Gemma2RMSNorm", gemma_norm=True,
+        attention=AttentionRules("Gemma2Attention", sliding_window="module", softcap=True),
+    ),
+}  # fmt: skip
 
 SUPPORTED = tuple(RULES)
 

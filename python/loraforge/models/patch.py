@@ -3,17 +3,20 @@
 Patching sets a `forward` attribute on module *instances*; the classes are never touched, no
 library source is rewritten, and `unpatch` deletes the attributes to restore the originals. A
 module whose LoRA setup the fused path does not cover (dropout > 0, a bias on the adapter, DoRA,
-several active adapters, merged weights) keeps its PEFT forward for that call: correctness first.
+several active adapters, merged weights, a trainable base weight) keeps its PEFT forward for that
+call: correctness first. Self-attention gets attention.py's forward (fused Q/K/V, our RoPE).
 """
 
 from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 
-from loraforge.models.architectures import RULES, activation_of
+from loraforge.models import attention as _attention
+from loraforge.models.architectures import RULES, AttentionRules, activation_of
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
 
 _PATCHED = "_loraforge_patched"
@@ -24,13 +27,21 @@ def _is_marked(module: torch.nn.Module) -> bool:
     return module.__dict__.get(_PATCHED, False)
 
 
+def _trainable_base(base: torch.nn.Module) -> bool:
+    """The fused functions give the base weight and bias no gradient: a trainable one needs the stock path."""
+    return any(getattr(t, "requires_grad", False) for t in (getattr(base, "weight", None), getattr(base, "bias", None)))
+
+
 def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
     """The fused-path view of a projection, or None when it must take PEFT's own forward."""
     if not hasattr(module, "lora_A"):  # a plain (possibly 4-bit) Linear: base only
-        return LoRAProjection(module, None, None, 0.0) if hasattr(module, "weight") else None
+        usable = hasattr(module, "weight") and not _trainable_base(module)
+        return LoRAProjection(module, None, None, 0.0) if usable else None
     if getattr(module, "merged", False):
         return None
     base = module.get_base_layer()
+    if _trainable_base(base):
+        return None
     if getattr(module, "disable_adapters", False):
         return LoRAProjection(base, None, None, 0.0)
     active = [name for name in module.active_adapters if name in module.lora_A]
@@ -76,6 +87,23 @@ def _make_norm_forward(gemma: bool):
     return forward
 
 
+_ATTENTION_FORWARDS: dict[tuple[type, AttentionRules], Callable] = {}
+
+
+def _attention_forward(module: torch.nn.Module, rules: AttentionRules) -> Callable | None:
+    """attention.py's forward for this module's class (built once per class), or None when the module
+    does not look like the transformers attention the rule describes (it then keeps its own forward)."""
+    key = (type(module), rules)
+    if key not in _ATTENTION_FORWARDS:
+        functions = _attention.module_functions(module)
+        if functions is None or not _attention.rules_fit(module, rules):
+            warnings.warn(f"{type(module).__name__} does not match loraforge's attention rule for this transformers "
+                          "version; its attention keeps the stock forward", stacklevel=3)  # fmt: skip
+            return None
+        _ATTENTION_FORWARDS[key] = _attention.make_attention_forward(rules, *functions, lora_projection)
+    return _ATTENTION_FORWARDS[key]
+
+
 def patch_model(model: torch.nn.Module) -> bool:
     """Install the fused forwards; returns False (with a warning) for an unknown architecture."""
     config = getattr(model, "config", None)
@@ -95,6 +123,12 @@ def patch_model(model: torch.nn.Module) -> bool:
         if rules.norm_class and type(module).__name__ == rules.norm_class and not _is_marked(module):
             module.forward = types.MethodType(_make_norm_forward(rules.gemma_norm), module)
             setattr(module, _PATCHED, True)
+        attention = rules.attention
+        if attention and type(module).__name__ == attention.class_name and not _is_marked(module):
+            forward = _attention_forward(module, attention)
+            if forward is not None:
+                module.forward = types.MethodType(forward, module)
+                setattr(module, _PATCHED, True)
         for name in rules.attention_projections:
             child = getattr(module, name, None)
             if isinstance(child, torch.nn.Module) and not _is_marked(child):

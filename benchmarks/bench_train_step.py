@@ -88,10 +88,12 @@ def load(impl: str, folder: str, seq: int):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
-def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False) -> dict:
     if impl == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
+    torch.cuda.reset_peak_memory_stats()
     model = load(impl, folder, seq)
+    load_peak = torch.cuda.max_memory_allocated() / 2**30
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -116,8 +118,14 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
         step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params)}  # fmt: skip
+    result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
+              "load_peak_gib": load_peak}  # fmt: skip
+    if profile:  # after the timed steps, so it cannot disturb them
+        from benchmarks.profile_train_step import profile_step
+
+        result["profile"] = profile_step(step)
+    return result
 
 
 def main() -> None:
@@ -129,11 +137,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="also profile one step per variant "
+                        "(kernel groups, idle gaps: benchmarks/profile_train_step.py) into DIR/train_step_profile.json")
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.steps, args.warmup)))
+        print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.steps, args.warmup,
+                                     args.profile)))
         return
 
     rate = matmul_tflops()
@@ -145,13 +156,18 @@ def main() -> None:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+            cmd += ["--profile"] if args.profile else []
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             try:
                 results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             except (json.JSONDecodeError, IndexError):
                 print(f"{impl} failed:\n{proc.stderr[-3000:]}")
                 continue
-            print(impl, results[impl], flush=True)
+            print(impl, {k: v for k, v in results[impl].items() if k != "profile"}, flush=True)
+    if args.profile and args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        profiles = {impl: r.pop("profile", None) for impl, r in results.items()}
+        (args.out / "train_step_profile.json").write_text(json.dumps(profiles, indent=1))
     ours = results.get("loraforge", {}).get("tokens_per_s")
     for impl, r in results.items():
         rows.append({"benchmark": f"train_step_llama8b_{args.layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
@@ -159,7 +175,8 @@ def main() -> None:
                      "extra_peak_mib": r["peak_gib"] * 1024, "limit_us": 1e6 * args.batch * args.seq / limit,
                      "fraction_of_limit": r["tokens_per_s"] / limit,
                      "vs_ours": (ours / r["tokens_per_s"]) if ours else "",
-                     "note": f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB (total), loss "
+                     "note": f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB (total; loading "
+                             f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s"})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)

@@ -103,6 +103,12 @@ def profile_variant(impl: str, folder: str, batch: int, seq: int) -> dict:
     step()
     torch.cuda.synchronize()
     plain_ms = 1e3 * (time.perf_counter() - start)
+    return {"impl": impl, "step_ms": plain_ms, **profile_step(step),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+
+
+def profile_step(step) -> dict:
+    """Profile one call of step(): kernel time by group, top kernels and CPU ops, stream gaps."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -130,9 +136,7 @@ def profile_variant(impl: str, folder: str, batch: int, seq: int) -> dict:
     )[:20]
     gaps = stream_gaps(prof)
     return {
-        "impl": impl,
         **gaps,
-        "step_ms": plain_ms,
         "profiled_step_ms": profiled_ms,
         "gpu_busy_ms": sum(groups.values()),
         "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),

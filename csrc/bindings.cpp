@@ -156,6 +156,20 @@ PYBIND11_MODULE(_core, m) {
       py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("qtype"), py::arg("dst"), py::arg("num_threads"),
       "Unpack GGUF blocks at src into float32 [rows, cols] at dst, as llama.cpp's to_float");
 
+  // ---- GGUF blocks, CUDA (a clear error when this _core was built without CUDA) ----
+  m.def(
+      "gguf_quantize_cuda",
+      [](uintptr_t src, int dtype, long long rows, long long cols, int qtype, uintptr_t dst, uintptr_t stream) {
+        check_gguf_sizes(rows, cols, qtype);
+        const auto kind = to_dtype(dtype);
+        loraforge::gguf_quantize_cuda(as_ptr<const void>(src, "src"), kind, rows, cols, qtype,
+                                      as_ptr<unsigned char>(dst, "dst"), stream);
+      },
+      py::arg("src"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("qtype"), py::arg("dst"),
+      py::arg("stream"),
+      "Pack [rows, cols] of float32/float16/bfloat16 on the GPU at src into GGUF blocks at dst (device memory), "
+      "on the given CUDA stream; the same bytes as gguf_quantize_cpu");
+
   // ---- NF4, CUDA (raise a clear error when this _core was built without CUDA) ----
   m.def(
       "nf4_quantize_cuda",

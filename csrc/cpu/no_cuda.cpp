@@ -20,4 +20,7 @@ void nf4_dequantize_cuda(const unsigned char*, const nf4::AbsmaxSource&, long lo
                          std::uintptr_t) {
   not_built();
 }
+void gguf_quantize_cuda(const void*, DType, long long, long long, int, unsigned char*, std::uintptr_t) {
+  not_built();
+}
 }  // namespace loraforge

@@ -1,5 +1,6 @@
 // GGUF quantization blocks as llama.cpp (ggml) lays them out, and the scalar helpers whose exact
-// rounding the packers depend on.
+// rounding the packers depend on. Everything here compiles for the host and (under nvcc) for the
+// device, so the CPU and CUDA packers run the same code (kquant_blocks.h says what that requires).
 //
 // Every type cuts a row into blocks of `elems` consecutive values and stores each block as `bytes`
 // bytes; rows are whole numbers of blocks, so a [rows, cols] matrix is rows * cols / elems blocks
@@ -16,6 +17,18 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+// LF_HD_INLINE: an inline function for host and device. Forced inline on the device so that the
+// small per-group arrays of the packers stay in registers once their loops are unrolled.
+#if defined(__CUDACC__)
+#define LF_HD_INLINE __host__ __device__ __forceinline__
+#define LF_UNROLL _Pragma("unroll")
+#define LF_NO_UNROLL _Pragma("unroll 1")
+#else
+#define LF_HD_INLINE inline
+#define LF_UNROLL
+#define LF_NO_UNROLL
+#endif
 
 namespace loraforge {
 namespace gguf {
@@ -56,9 +69,29 @@ inline bool block_info(int qtype, BlockInfo* info) {
 // Round to nearest even, overflow to +-inf, subnormals kept; every NaN becomes the quiet NaN 0x7e00
 // with the input's sign. Written with integer arithmetic so the result never depends on the
 // compiler's or the CPU's own half-precision support.
-inline std::uint16_t fp16_from_float(float value) {
+// The bits of a float and back (std::memcpy on the host, the intrinsics on the device).
+LF_HD_INLINE std::uint32_t float_bits(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
   std::uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+#endif
+}
+
+LF_HD_INLINE float float_from_bits(std::uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
+}
+
+LF_HD_INLINE std::uint16_t fp16_from_float(float value) {
+  const std::uint32_t bits = float_bits(value);
   const std::uint32_t sign = (bits >> 16) & 0x8000u;
   const std::uint32_t magnitude = bits & 0x7fffffffu;
   if (magnitude > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
@@ -81,7 +114,7 @@ inline std::uint16_t fp16_from_float(float value) {
 }
 
 // Exact (every fp16 value is an fp32 value).
-inline float fp16_to_float(std::uint16_t half) {
+LF_HD_INLINE float fp16_to_float(std::uint16_t half) {
   const std::uint32_t sign = static_cast<std::uint32_t>(half & 0x8000u) << 16;
   const std::uint32_t exponent = (half >> 10) & 0x1fu;
   std::uint32_t mantissa = half & 0x3ffu;
@@ -100,50 +133,37 @@ inline float fp16_to_float(std::uint16_t half) {
     }
     bits = sign | (e << 23) | ((mantissa & 0x3ffu) << 13);
   }
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
+  return float_from_bits(bits);
 }
 
-inline void store_fp16(std::uint8_t* dst, float value) {
+LF_HD_INLINE void store_fp16(std::uint8_t* dst, float value) {
   const std::uint16_t half = fp16_from_float(value);
   dst[0] = static_cast<std::uint8_t>(half & 0xffu);
   dst[1] = static_cast<std::uint8_t>(half >> 8);
 }
 
-inline float load_fp16(const std::uint8_t* src) {
+LF_HD_INLINE float load_fp16(const std::uint8_t* src) {
   return fp16_to_float(static_cast<std::uint16_t>(src[0] | (src[1] << 8)));
 }
 
 // ---- rounding to an integer as the K-quant search does it -------------------------------------
 // Adding 1.5 * 2^23 leaves the rounded-to-nearest-even integer in the low mantissa bits. llama.cpp
 // rounds every K-quant level this way, and only for |v| < 2^22 does it equal rint(v); outside that
-// range (huge or non-finite ratios) it yields deterministic garbage, which we must reproduce too,
-// so we use the same trick rather than std::nearbyint.
-inline int round_magic(float v) {
+// range (huge or infinite ratios) it yields deterministic garbage, which we must reproduce too, so
+// we use the same trick rather than std::nearbyint.
+//
+// A NaN is where host and device part ways. Our inputs are finite, so every NaN here is generated
+// by an invalid operation (inf - inf, 0 * inf: huge inputs), and CPUs produce the default NaN, whose
+// low 23 bits are 0x400000 (x86: 0xffc00000, Arm: 0x7fc00000), and carry it through later
+// arithmetic: ggml's result is 0. NVIDIA GPUs produce the canonical NaN 0x7fffffff, which would give
+// 0x3fffff; so the device returns the CPU's 0 explicitly.
+LF_HD_INLINE int round_magic(float v) {
   const float shifted = v + 12582912.0f;
-  std::int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  return (bits & 0x007fffff) - 0x00400000;
+#if defined(__CUDA_ARCH__)
+  if (shifted != shifted) return 0;
+#endif
+  return static_cast<std::int32_t>(float_bits(shifted) & 0x007fffffu) - 0x00400000;
 }
-
-// ---- the scale searches shared by the K-quant packers (csrc/cpu/kquant_search_cpu.cpp) ---------
-// Each takes one group of n values and writes its integer levels into `levels`; see the .cpp file
-// for what each one minimises and why its arithmetic is ordered the way it is.
-
-// Symmetric levels in [0, 2*nmax) (value = scale * (level - nmax)), least squares weighted by x^2,
-// searching 18 scales around nmax / max|x|. Returns the scale (0 for an all-zero group).
-float fit_symmetric_weighted(int n, int nmax, const float* x, std::int8_t* levels);
-
-// Symmetric levels in [0, 2*nmax), refined one level at a time to lower the x^2-weighted squared
-// error. Returns the scale (0 for an all-zero group).
-float fit_symmetric_refined(int n, int nmax, const float* x, std::int8_t* levels);
-
-// Asymmetric levels in [0, nmax] (value = scale * level - offset) under the given weights, with a
-// grid of nstep+1 trial scales starting at nmax + rmin in steps of rdelta; `use_abs` picks a
-// weighted absolute instead of squared error. Returns the scale; *offset receives -min (>= 0).
-float fit_affine_weighted(int n, int nmax, const float* x, const float* weights, std::uint8_t* levels,
-                          float* offset, float rmin, float rdelta, int nstep, bool use_abs);
 
 }  // namespace gguf
 }  // namespace loraforge

@@ -25,5 +25,8 @@ void nf4_quantize_cuda(const void* x, DType dtype, long long n, long long blocks
                        float* absmax, std::uintptr_t stream);
 void nf4_dequantize_cuda(const unsigned char* packed, const nf4::AbsmaxSource& absmax, long long n,
                          long long blocksize, void* out, DType dtype, std::uintptr_t stream);
+// GGUF blocks: [rows, cols] of `dtype` (widened to fp32 exactly) -> the same bytes gguf_quantize_cpu writes.
+void gguf_quantize_cuda(const void* src, DType dtype, long long rows, long long cols, int qtype, unsigned char* dst,
+                        std::uintptr_t stream);
 
 }  // namespace loraforge

@@ -9,6 +9,11 @@ quantize tool would choose for the mix (gguf_mixes.py), packed byte for byte as 
 (loraforge.gguf, and the gguf package's Q5_0/Q5_1 for row-length fallbacks), and streamed into all
 requested files in one pass: the merged model is never held in memory as a whole. Files are written
 under temporary names and renamed when complete.
+
+Quantized types (Q8_0, Q4_0, Q2_K..Q6_K) are packed on a GPU when one is usable (`pack_device`,
+"auto" by default) and on the CPU otherwise; both run the same per-block code, so the files are
+byte-identical either way. On the GPU the K-quant searches of an 8B model take seconds instead of
+minutes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import gguf
 import numpy as np
 import torch
 
+from loraforge import _native
 from loraforge import gguf as lf_gguf
 from loraforge.export.atomic import atomic_file, ensure_free_space, refuse_existing_file
 from loraforge.export.gguf_arch import (
@@ -38,7 +44,14 @@ from loraforge.export.gguf_tokenizer import write_tokenizer_metadata
 from loraforge.export.merged_weights import MergedTensor, merged_tensors, transformer_of
 from loraforge.export.modelfile import modelfile_paths, write_modelfiles
 
-__all__ = ["PlannedTensor", "encode_tensor", "gguf_file_name", "plan_gguf_tensors", "save_pretrained_gguf"]
+__all__ = [
+    "PlannedTensor",
+    "encode_tensor",
+    "gguf_file_name",
+    "plan_gguf_tensors",
+    "resolve_pack_device",
+    "save_pretrained_gguf",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,8 @@ class PlannedTensor:
 
     name: str
     shape: tuple[int, ...]
-    values: Callable[[], np.ndarray]  # float32, C-contiguous, in llama.cpp's layout
+    # float32, contiguous, in llama.cpp's layout: a torch tensor on the model's device, or numpy
+    values: Callable[[], torch.Tensor | np.ndarray]
 
 
 def gguf_file_name(model_name: str, mix: QuantizationMix) -> str:
@@ -63,13 +77,13 @@ def _rewrite(tensor: MergedTensor, gguf_name: str, arch: GGUFArchitecture, confi
         heads = n_heads if ".attn_q." in gguf_name else n_kv_heads
     offset = arch.norm_offset if arch.is_norm(gguf_name) else 0.0
 
-    def load() -> np.ndarray:
-        value = tensor.load()
+    def load() -> torch.Tensor:
+        value = tensor.load().detach()
         if heads is not None:
             value = permute_for_pairwise_rope(value, heads)
         if offset:
             value = value + offset
-        return np.ascontiguousarray(value.detach().to("cpu", torch.float32).numpy())
+        return value.to(torch.float32).contiguous()  # stays on the model's device
 
     return load
 
@@ -104,8 +118,22 @@ def _byte_layout(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...
     return (*shape[:-1], row_bytes), rows * row_bytes
 
 
-def encode_tensor(values: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 values -> the bytes llama.cpp stores for `type_name` (uint8, one row per matrix row)."""
+def _packs_on_gpu(type_name: str) -> bool:
+    t = lf_gguf.TYPES.get(type_name)
+    return t is not None and t.packed
+
+
+def encode_tensor(values: np.ndarray | torch.Tensor, type_name: str) -> np.ndarray:
+    """float32 values -> the bytes llama.cpp stores for `type_name` (uint8, one row per matrix row).
+
+    values: a numpy array or a torch tensor. A CUDA tensor is packed on its GPU when loraforge packs
+    `type_name` (Q8_0, Q4_0, Q2_K..Q6_K); everything else is encoded on the CPU. The bytes are the
+    same either way."""
+    if isinstance(values, torch.Tensor):
+        matrix = values.detach().reshape(-1, values.shape[-1])
+        if matrix.device.type == "cuda" and _packs_on_gpu(type_name):
+            return lf_gguf.quantize(matrix, type_name).cpu().numpy()
+        values = matrix.to("cpu", torch.float32).numpy()
     matrix = values.reshape(-1, values.shape[-1])
     if type_name in lf_gguf.TYPES:
         return lf_gguf.quantize(matrix, type_name)
@@ -131,11 +159,67 @@ class _GGUFFile:
         self.writer.write_kv_data_to_file()
         self.writer.write_ti_data_to_file()
 
-    def write_tensor(self, tensor: PlannedTensor, values: np.ndarray) -> None:
-        self.writer.write_tensor_data(encode_tensor(values, self.types[tensor.name]))
+    def write_tensor(self, tensor: PlannedTensor, values: _TensorValues) -> None:
+        self.writer.write_tensor_data(values.encode(self.types[tensor.name]))
 
     def size(self, tensors: list[PlannedTensor]) -> int:
         return sum(_byte_layout(t.shape, self.types[t.name])[1] for t in tensors)
+
+
+def resolve_pack_device(pack_device="auto") -> torch.device | None:
+    """The CUDA device save_pretrained_gguf packs quantized tensors on, or None for the CPU.
+
+    "auto" (or None): the current CUDA device when torch sees one and loraforge._core has CUDA
+    kernels for it, else the CPU. "cpu": the CPU. "cuda", "cuda:1" or a torch.device: that GPU, with
+    a RuntimeError when it cannot be used."""
+    if pack_device is None or (isinstance(pack_device, str) and pack_device.strip().lower() == "auto"):
+        if not (torch.cuda.is_available() and _native.cuda_kernels_built()):
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            _native.require_cuda_kernels(device)
+        except RuntimeError:  # _core holds no code for this GPU: pack on the CPU
+            return None
+        return device
+    try:
+        device = torch.device(pack_device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"pack_device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {pack_device!r}")
+    if device.type == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"pack_device={pack_device!r}, but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _native.require_cuda_kernels(device)
+    return device
+
+
+class _TensorValues:
+    """One tensor's values, encoded for each file that asks: quantized types on the packing GPU
+    (the GPU the tensor is already on, else `gpu`), everything else from one host copy."""
+
+    def __init__(self, values: torch.Tensor | np.ndarray, gpu: torch.device | None):
+        self.values = values
+        on_gpu = isinstance(values, torch.Tensor) and values.device.type == "cuda"
+        self.gpu = (values.device if on_gpu else gpu) if gpu is not None else None
+        self.host: np.ndarray | None = None
+
+    def encode(self, type_name: str) -> np.ndarray:
+        if self.gpu is not None and _packs_on_gpu(type_name):
+            values = self.values
+            if isinstance(values, np.ndarray):
+                values = torch.from_numpy(values)
+            self.values = values.to(self.gpu)  # a no-op once it is there
+            return encode_tensor(self.values, type_name)
+        if self.host is None:
+            values = self.values
+            if isinstance(values, torch.Tensor):
+                values = values.to("cpu", torch.float32).numpy()
+            self.host = np.ascontiguousarray(values)
+        return encode_tensor(self.host, type_name)
 
 
 def _write_metadata(writer: gguf.GGUFWriter, config, arch, tokenizer, vocab_size, model_name, mix, pre_tokenizer):
@@ -157,6 +241,7 @@ def save_pretrained_gguf(
     model_name: str | None = None,
     pre_tokenizer: str | None = None,
     write_modelfile: bool = True,
+    pack_device="auto",
 ) -> list[str]:
     """Write `model` as one GGUF file per quantization method into `save_directory`.
 
@@ -169,6 +254,11 @@ def save_pretrained_gguf(
     write_modelfile: also write an Ollama Modelfile per GGUF (`<file>.Modelfile`) and `Modelfile`
         for the first one.
     overwrite: replace existing files of the same names; without it they are refused.
+    pack_device: where the quantized types are packed. "auto" (the default): on a GPU when torch sees
+        one and loraforge._core has CUDA kernels for it, else on the CPU. "cuda", "cuda:N" or a
+        torch.device: on a GPU (RuntimeError when none is usable). "cpu": on the CPU. On the GPU, a
+        weight of a model that is on a GPU is packed where it is; one on the CPU is moved to the chosen
+        (or current) GPU. The files are byte-identical whichever packs them.
 
     Returns the paths of the GGUF files, in the order of quantization_method.
     """
@@ -208,6 +298,7 @@ def save_pretrained_gguf(
     for file in files:
         _write_metadata(file.writer, config, arch, tokenizer, vocab_size, model_name, file.mix, pre_tokenizer)
     ensure_free_space(directory, sum(f.size(tensors) for f in files), f"{len(files)} GGUF file(s)")
+    gpu = resolve_pack_device(pack_device)
 
     with contextlib.ExitStack() as stack:
         temporaries = [stack.enter_context(atomic_file(f.path, overwrite)) for f in files]
@@ -215,7 +306,7 @@ def save_pretrained_gguf(
             for file, temporary in zip(files, temporaries):
                 file.write_header(tensors, temporary)
             for tensor in tensors:
-                values = tensor.values()
+                values = _TensorValues(tensor.values(), gpu)
                 for file in files:
                     file.write_tensor(tensor, values)
                 del values

@@ -7,9 +7,12 @@ llama.cpp's `to_float` for the type returns. Q4_0, Q8_0 and Q2_K..Q6_K run in lo
 (csrc/cpu/kquant_cpu.cpp, threaded, without the GIL); F32, F16 and BF16 are plain numpy conversions
 with ggml's rounding (to nearest even).
 
-This is export-time work on numpy arrays, not a training op, so it carries no torch.library op
-and no autograd; torch tensors on the CPU are accepted and read without a copy when they are
-contiguous float32.
+Where the input lives decides where it is packed: numpy arrays and CPU tensors on the CPU (result:
+numpy), CUDA tensors on their GPU (csrc/cuda/kquant_cuda.cu; result: a CUDA uint8 tensor). Both
+run the same per-block code (csrc/include/loraforge/kquant_blocks.h), so the bytes are identical.
+
+This is export-time work, not a training op, so it carries no torch.library op and no autograd;
+torch tensors on the CPU are accepted and read without a copy when they are contiguous float32.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from loraforge import _core
+from loraforge import _core, _native
 
 __all__ = ["TYPES", "GGUFType", "dequantize", "quantize", "resolve_type", "row_bytes"]
 
@@ -113,21 +116,27 @@ def _as_float32_matrix(x) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def quantize(x, qtype, num_threads: int | None = None) -> np.ndarray:
-    """Pack a float32 matrix into GGUF blocks, byte for byte as llama.cpp does without an imatrix.
+def quantize(x, qtype, num_threads: int | None = None):
+    """Pack a matrix into GGUF blocks, byte for byte as llama.cpp does without an imatrix.
 
     Args:
-        x: float32 numpy array or CPU torch tensor [rows, cols]. Non-contiguous input is copied
-            first. For the quantized types cols must be a multiple of the block size (32 for Q4_0 and
-            Q8_0, 256 for the K types) and every value finite.
+        x: float32 numpy array or CPU torch tensor [rows, cols], packed on the CPU; or a CUDA
+            torch tensor (float32, float16 or bfloat16: the 16-bit types widen to float32 exactly,
+            inside the kernel), packed on its GPU. Non-contiguous input is copied first. For the
+            quantized types cols must be a multiple of the block size (32 for Q4_0 and Q8_0, 256 for
+            the K types) and every value finite.
         qtype: "Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16" or "F32" (any
             case), a gguf.GGMLQuantizationType, or its ggml type id.
-        num_threads: CPU threads; defaults to torch.get_num_threads().
+        num_threads: CPU threads; defaults to torch.get_num_threads(). Ignored for CUDA input.
 
     Returns:
-        uint8 numpy array [rows, cols // block_elems * block_bytes]: each row's blocks back to back.
+        uint8 [rows, cols // block_elems * block_bytes], each row's blocks back to back: a numpy array
+        for CPU input; for CUDA input a uint8 tensor on x's device, written on its current stream
+        (not synchronised: `.cpu().numpy()` waits for it and gives the same bytes the CPU writes).
     """
     t = resolve_type(qtype)
+    if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+        return _quantize_cuda(x, t)
     x = _as_float32_matrix(x)
     rows, cols = x.shape
     _check_cols(t, cols, "x")
@@ -137,6 +146,40 @@ def quantize(x, qtype, num_threads: int | None = None) -> np.ndarray:
         raise ValueError(f"x holds NaN or infinite values, which {t.name} cannot represent")
     out = np.empty((rows, cols // t.block_elems * t.block_bytes), dtype=np.uint8)
     _core.gguf_quantize_cpu(x.ctypes.data, rows, cols, t.id, out.ctypes.data, _threads(num_threads))
+    return out
+
+
+# Element types the CUDA packer reads (the _core dtype codes are in loraforge._native).
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_cuda_input(x: torch.Tensor, t: GGUFType) -> None:
+    """The checks of a tensor to be packed on the GPU that do not need the GPU itself."""
+    if x.dtype not in _CUDA_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 to be packed on the GPU, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be a matrix [rows, cols], got shape {tuple(x.shape)}; reshape it to (-1, cols)")
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one row")
+    _check_cols(t, x.shape[1], "x")
+
+
+def _quantize_cuda(x: torch.Tensor, t: GGUFType) -> torch.Tensor:
+    _check_cuda_input(x, t)
+    x = x.detach()
+    if not t.packed:  # F32 / F16 / BF16: the numpy conversion of the (exactly widened) values
+        return torch.from_numpy(_convert_plain(x.float().cpu().numpy(), t)).to(x.device)
+    _native.require_cuda_kernels(x.device)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x holds NaN or infinite values, which {t.name} cannot represent")
+    x = x.contiguous()
+    rows, cols = x.shape
+    out = torch.empty((rows, cols // t.block_elems * t.block_bytes), dtype=torch.uint8, device=x.device)
+    with _native.on_device(x.device):
+        _core.gguf_quantize_cuda(
+            x.data_ptr(), _native.dtype_code(x.dtype, "x"), rows, cols, t.id,
+            out.data_ptr(), _native.stream_handle(x.device),
+        )  # fmt: skip
     return out
 
 
@@ -210,4 +253,3 @@ def _unconvert_plain(raw: np.ndarray, t: GGUFType, rows: int, cols: int) -> np.n
     if t.name == "F16":
         return raw.view(np.float16).astype(np.float32).reshape(rows, cols)
     return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(rows, cols)
-

@@ -1,26 +1,39 @@
-// The per-group scale searches behind the K-quant packers.
+// The per-group scale searches behind the K-quant packers, shared by the CPU packer
+// (csrc/cpu/kquant_cpu.cpp) and the CUDA one (csrc/cuda/kquant_cuda.cu): both compile exactly this code.
 //
 // llama.cpp's reference quantizers (what `ggml_quantize_chunk` runs when it gets no importance
 // matrix) pick each group's scale by small searches over candidate scales. To produce the same
 // bytes we must reach the same decisions, and those decisions hang on float comparisons between
 // nearly equal sums; so every sum below is accumulated in fp32, in index order, with each product
 // formed left to right exactly as written (`w * x * l` is (w * x) * l), integer levels converted to
-// float at the point of use, and no FMA contraction (CMakeLists.txt passes -ffp-contract=off).
-// Changing any of that — a double accumulator, a reordered product, std::round instead of
-// round_magic — changes a few blocks in every large tensor.
-#include <algorithm>
-#include <cmath>
+// float at the point of use, and no FMA contraction (CMakeLists.txt passes -ffp-contract=off to the
+// C++ compiler and --fmad=false to nvcc). Changing any of that — a double accumulator, a reordered
+// product, std::round instead of round_magic, a parallel reduction — changes a few blocks in every
+// large tensor.
+//
+// The group size N is a template parameter so that, on the GPU, the loops over a group unroll and
+// the group's values and levels live in registers; the arithmetic is the same for every N.
+#pragma once
 #include <cstdint>
-#include <cstring>
 
 #include "loraforge/gguf_blocks.h"
 
 namespace loraforge {
 namespace gguf {
-namespace {
 
 // Below this the group is treated as all zeros (ggml's GROUP_MAX_EPS).
 constexpr float kZeroGroup = 1e-15f;
+
+// |v|: clears the sign bit (exact, NaN included) on both sides.
+LF_HD_INLINE float abs_value(float v) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(v);
+#else
+  return __builtin_fabsf(v);
+#endif
+}
+
+LF_HD_INLINE int clamp_level(int l, int lo, int hi) { return l < lo ? lo : (l > hi ? hi : l); }
 
 // The signed value of largest magnitude (the first one, on ties), and that magnitude.
 struct Extreme {
@@ -28,10 +41,12 @@ struct Extreme {
   float magnitude = 0.0f;
 };
 
-Extreme signed_extreme(int n, const float* x) {
+template <int N>
+LF_HD_INLINE Extreme signed_extreme(const float* x) {
   Extreme e;
-  for (int i = 0; i < n; ++i) {
-    const float a = std::fabs(x[i]);
+  LF_UNROLL
+  for (int i = 0; i < N; ++i) {
+    const float a = abs_value(x[i]);
     if (a > e.magnitude) {
       e.magnitude = a;
       e.value = x[i];
@@ -40,8 +55,6 @@ Extreme signed_extreme(int n, const float* x) {
   return e;
 }
 
-inline int clamp_level(int l, int lo, int hi) { return std::max(lo, std::min(hi, l)); }
-
 // Weighted normal-equation sums of a symmetric assignment: sum w x l and sum w l^2 (w = x^2).
 struct SymmetricSums {
   float xl = 0.0f;
@@ -49,9 +62,11 @@ struct SymmetricSums {
 };
 
 // Levels for the trial inverse scale `inv`, as signed integers in [-nmax, nmax-1], and their sums.
-SymmetricSums assign_symmetric(int n, int nmax, const float* x, float inv, int* signed_levels) {
+template <int N>
+LF_HD_INLINE SymmetricSums assign_symmetric(int nmax, const float* x, float inv, int* signed_levels) {
   SymmetricSums s;
-  for (int i = 0; i < n; ++i) {
+  LF_UNROLL
+  for (int i = 0; i < N; ++i) {
     const int l = clamp_level(round_magic(inv * x[i]), -nmax, nmax - 1);
     signed_levels[i] = l;
     const float w = x[i] * x[i];
@@ -61,32 +76,37 @@ SymmetricSums assign_symmetric(int n, int nmax, const float* x, float inv, int* 
   return s;
 }
 
-}  // namespace
-
+// Symmetric levels in [0, 2*nmax) (value = scale * (level - nmax)), least squares weighted by x^2.
+//
 // Least squares for value = scale * l with weights x^2 has the closed form scale = sum(wxl)/sum(wl^2),
 // and its error is smallest where sum(wxl)^2 / sum(wl^2) is largest. The levels themselves come from
 // rounding x at a trial scale; the first trial is nmax / max (the largest value lands on -nmax, which
 // uses the asymmetric range's extra negative level), then 18 trials at (nmax +- 0.1k) / max. A trial
 // replaces the best so far only when strictly better, compared cross-multiplied so no division
-// rounds the decision.
-float fit_symmetric_weighted(int n, int nmax, const float* x, std::int8_t* levels) {
-  const Extreme e = signed_extreme(n, x);
+// rounds the decision. Returns the scale (0 for an all-zero group).
+template <int N>
+LF_HD_INLINE float fit_symmetric_weighted(int nmax, const float* x, std::uint8_t* levels) {
+  const Extreme e = signed_extreme<N>(x);
   if (e.magnitude < kZeroGroup) {
-    std::memset(levels, 0, static_cast<size_t>(n));
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) levels[i] = 0;
     return 0.0f;
   }
-  int trial[256];  // n <= 256 for every caller (groups of 16 values, or 16 scales)
+  int trial[N];
   float inv = -nmax / e.value;
-  SymmetricSums s = assign_symmetric(n, nmax, x, inv, trial);
-  for (int i = 0; i < n; ++i) levels[i] = static_cast<std::int8_t>(trial[i] + nmax);
+  SymmetricSums s = assign_symmetric<N>(nmax, x, inv, trial);
+  LF_UNROLL
+  for (int i = 0; i < N; ++i) levels[i] = static_cast<std::uint8_t>(trial[i] + nmax);
   float scale = s.ll != 0.0f ? s.xl / s.ll : 0.0f;
   float best = scale * s.xl;
+  LF_NO_UNROLL
   for (int step = -9; step <= 9; ++step) {
     if (step == 0) continue;
     inv = -(nmax + 0.1f * step) / e.value;
-    const SymmetricSums t = assign_symmetric(n, nmax, x, inv, trial);
+    const SymmetricSums t = assign_symmetric<N>(nmax, x, inv, trial);
     if (t.ll > 0 && t.xl * t.xl > best * t.ll) {
-      for (int i = 0; i < n; ++i) levels[i] = static_cast<std::int8_t>(trial[i] + nmax);
+      LF_UNROLL
+      for (int i = 0; i < N; ++i) levels[i] = static_cast<std::uint8_t>(trial[i] + nmax);
       scale = t.xl / t.ll;
       best = scale * t.xl;
     }
@@ -94,24 +114,30 @@ float fit_symmetric_weighted(int n, int nmax, const float* x, std::int8_t* level
   return scale;
 }
 
+// Symmetric levels in [0, 2*nmax), refined one level at a time to lower the x^2-weighted error.
+//
 // Start from rounding at nmax / max, then coordinate descent: for each value, the level that would be
 // best if every other level stayed put is round(x * sum(wl^2 without i) / sum(wxl without i)); take
 // it when the whole group's sum(wxl)^2 / sum(wl^2) then grows. At most five sweeps, stopping early
 // after a sweep that changes nothing. The running sums are updated incrementally, as the decisions
-// depend on exactly those (slightly drifting) fp32 values.
-float fit_symmetric_refined(int n, int nmax, const float* x, std::int8_t* levels) {
-  const Extreme e = signed_extreme(n, x);
+// depend on exactly those (slightly drifting) fp32 values. Returns the scale (0 for an all-zero group).
+template <int N>
+LF_HD_INLINE float fit_symmetric_refined(int nmax, const float* x, std::uint8_t* levels) {
+  const Extreme e = signed_extreme<N>(x);
   if (e.magnitude < kZeroGroup) {
-    std::memset(levels, 0, static_cast<size_t>(n));
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) levels[i] = 0;
     return 0.0f;
   }
-  int l[256];
-  const SymmetricSums start = assign_symmetric(n, nmax, x, -nmax / e.value, l);
+  int l[N];
+  const SymmetricSums start = assign_symmetric<N>(nmax, x, -nmax / e.value, l);
   float sum_xl = start.xl;
   float sum_ll = start.ll;
+  LF_NO_UNROLL
   for (int sweep = 0; sweep < 5; ++sweep) {
     int changed = 0;
-    for (int i = 0; i < n; ++i) {
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) {
       const float w = x[i] * x[i];
       float xl_without = sum_xl - w * x[i] * l[i];
       if (!(xl_without > 0)) continue;
@@ -129,39 +155,43 @@ float fit_symmetric_refined(int n, int nmax, const float* x, std::int8_t* levels
     }
     if (changed == 0) break;
   }
-  for (int i = 0; i < n; ++i) levels[i] = static_cast<std::int8_t>(l[i] + nmax);
+  LF_UNROLL
+  for (int i = 0; i < N; ++i) levels[i] = static_cast<std::uint8_t>(l[i] + nmax);
   return sum_ll > 0.0f ? sum_xl / sum_ll : 0.0f;
 }
 
-namespace {
-
 // Weighted error of value = scale * level + min against x: sum w |d| or sum w d^2.
-float affine_error(int n, const float* x, const float* weights, const std::uint8_t* levels, float scale, float min,
-                   bool use_abs) {
+template <int N>
+LF_HD_INLINE float affine_error(const float* x, const float* weights, const std::uint8_t* levels, float scale,
+                                float min, bool use_abs) {
   float error = 0.0f;
-  for (int i = 0; i < n; ++i) {
+  LF_UNROLL
+  for (int i = 0; i < N; ++i) {
     float d = scale * levels[i] + min - x[i];
-    d = use_abs ? std::fabs(d) : d * d;
+    d = use_abs ? abs_value(d) : d * d;
     error += weights[i] * d;
   }
   return error;
 }
 
-}  // namespace
-
-// value = scale * level + min with min <= 0 (the stored offset is -min). The first guess maps
-// [min(x, 0), max(x)] onto [0, nmax]. Then, for each trial inverse scale (rmin + rdelta*k + nmax) /
-// (max - min), round, solve the 2x2 weighted least-squares system for (scale, min) given those
-// levels (falling back to a pure scale when the fitted min would be positive), and keep the trial
-// when its weighted error is strictly lower. Later trials round and span from the best min found so
-// far (not the first guess's), as llama.cpp's search does: the grid moves as the fit improves.
-float fit_affine_weighted(int n, int nmax, const float* x, const float* weights, std::uint8_t* levels,
-                          float* offset, float rmin, float rdelta, int nstep, bool use_abs) {
+// Asymmetric levels in [0, nmax] (value = scale * level + min, min <= 0) under the given weights;
+// returns the scale and writes the stored offset -min (>= 0) to *offset.
+//
+// The first guess maps [min(x, 0), max(x)] onto [0, nmax]. Then, for each trial inverse scale
+// (rmin + rdelta*k + nmax) / (max - min), k = 0..nstep, round, solve the 2x2 weighted least-squares
+// system for (scale, min) given those levels (falling back to a pure scale when the fitted min would
+// be positive), and keep the trial when its weighted error (`use_abs`: absolute, else squared) is
+// strictly lower. Later trials round and span from the best min found so far (not the first
+// guess's), as llama.cpp's search does: the grid moves as the fit improves.
+template <int N>
+LF_HD_INLINE float fit_affine_weighted(int nmax, const float* x, const float* weights, std::uint8_t* levels,
+                                       float* offset, float rmin, float rdelta, int nstep, bool use_abs) {
   float lo = x[0];
   float hi = x[0];
   float sum_w = weights[0];
   float sum_x = sum_w * x[0];
-  for (int i = 1; i < n; ++i) {
+  LF_UNROLL
+  for (int i = 1; i < N; ++i) {
     if (x[i] < lo) lo = x[i];
     if (x[i] > hi) hi = x[i];
     sum_w += weights[i];
@@ -169,27 +199,31 @@ float fit_affine_weighted(int n, int nmax, const float* x, const float* weights,
   }
   if (lo > 0) lo = 0;
   if (hi == lo) {  // constant zero group (or a constant non-positive one): every level 0
-    std::memset(levels, 0, static_cast<size_t>(n));
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) levels[i] = 0;
     *offset = -lo;
     return 0.0f;
   }
   float min = lo;
   float inv = nmax / (hi - min);
   float scale = 1 / inv;
-  for (int i = 0; i < n; ++i) {
+  LF_UNROLL
+  for (int i = 0; i < N; ++i) {
     levels[i] = static_cast<std::uint8_t>(clamp_level(round_magic(inv * (x[i] - min)), 0, nmax));
   }
-  float best_error = affine_error(n, x, weights, levels, scale, min, use_abs);
+  float best_error = affine_error<N>(x, weights, levels, scale, min, use_abs);
   if (nstep < 1) {
     *offset = -min;
     return scale;
   }
 
-  std::uint8_t trial[256];
+  std::uint8_t trial[N];
+  LF_NO_UNROLL
   for (int step = 0; step <= nstep; ++step) {
     inv = (rmin + rdelta * step + nmax) / (hi - min);
     float sum_l = 0.0f, sum_ll = 0.0f, sum_xl = 0.0f;
-    for (int i = 0; i < n; ++i) {
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) {
       const int l = clamp_level(round_magic(inv * (x[i] - min)), 0, nmax);
       trial[i] = static_cast<std::uint8_t>(l);
       const float w = weights[i];
@@ -205,9 +239,10 @@ float fit_affine_weighted(int n, int nmax, const float* x, const float* weights,
       trial_min = 0;
       trial_scale = sum_xl / sum_ll;
     }
-    const float error = affine_error(n, x, weights, trial, trial_scale, trial_min, use_abs);
+    const float error = affine_error<N>(x, weights, trial, trial_scale, trial_min, use_abs);
     if (error < best_error) {
-      std::memcpy(levels, trial, static_cast<size_t>(n));
+      LF_UNROLL
+      for (int i = 0; i < N; ++i) levels[i] = trial[i];
       best_error = error;
       scale = trial_scale;
       min = trial_min;

@@ -1,6 +1,10 @@
-"""`loraforge sft` and `loraforge export` on a tiny saved model, their errors, and every --help."""
+"""`loraforge sft`, `loraforge grpo` and `loraforge export` on a tiny saved model, their summaries, their
+errors, and every --help."""
 
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +29,36 @@ def run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
+QUESTIONS = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(3) for b in range(3)]
+QUESTIONS.append({"question": "Why? " * 40, "answer": "0"})  # longer than --max-prompt-length below
+
+
+def main_output(args) -> tuple[int, str]:
+    """(exit status, stdout) of cli.main(args), for module-scoped fixtures (capsys is per test)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main([str(arg) for arg in args])
+    return code, out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     base = testing.save_tiny_model(root / "base", arch="llama", seed=1)
     data = root / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    (root / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in QUESTIONS))
     return root, base, data
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_files):
-    """One `loraforge sft` run from a YAML config, one flag overriding it; its output folder."""
+def trained(sft_run):
+    return sft_run[0]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_files):
+    """One `loraforge sft` run from a YAML config, one flag overriding it; (output folder, stdout)."""
     root, base, data = tiny_files
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump({
@@ -46,9 +68,59 @@ def trained(tiny_files):
         "export": ["gguf:q8_0"],
     }))  # fmt: skip
     output = root / "run"
-    code = cli.main(["sft", "--config", str(config), "--max-steps", "3", "--logging-steps", "1", "--output", str(output)])
+    code, text = main_output(["sft", "--config", config, "--max-steps", 3, "--logging-steps", 1, "--output", output])
     assert code == 0
-    return output
+    return output, text
+
+
+def test_sft_summary_says_time_speed_loss_and_files(sft_run):
+    output, text = sft_run
+    losses = [float(x) for x in re.findall(r"^  step \d/3  loss (\d+\.\d+)", text, re.MULTILINE)]
+    assert len(losses) == 3
+    summary = r"^trained 3 steps in (\d+\.\d) s, ([\d,]+) tokens/s; final loss (\d+\.\d{4})$"
+    found = re.search(summary, text, re.MULTILINE)
+    assert found, text
+    assert float(found.group(2).replace(",", "")) > 0
+    assert float(found.group(3)) == pytest.approx(sum(losses) / 3, abs=2e-4)  # the mean of the logged losses
+    assert f"adapter: {output / 'adapter'}" in text
+    assert f"gguf: {output / 'gguf' / (output.name + '.Q8_0.gguf')}" in text
+    assert f"settings: {output / 'sft_config.yaml'}" in text
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tiny_files):
+    """One `loraforge grpo` run: rewards from a YAML mapping, the rest from flags; (output folder, stdout)."""
+    root, base, _ = tiny_files
+    config = root / "grpo.yaml"
+    config.write_text(yaml.safe_dump({"model": str(base), "dataset": str(root / "questions.jsonl"),
+                                      "prompt_column": "question", "max_steps": 5,
+                                      "rewards": {"xml_tags": 0.5, "numeric_answer": 2.0, "length": 0.25}}, sort_keys=False))  # fmt: skip
+    output = root / "grpo"
+    code, text = main_output(["grpo", "--config", config, "--max-steps", "2", "--num-generations", "2",
+                              "--max-completion-length", "4", "--max-prompt-length", "96", "--length-target", "3",
+                              "--system-prompt", "Answer in <answer> tags.", "--output", output, "--export",
+                              "merged_16bit"])  # fmt: skip
+    assert code == 0
+    return output, text
+
+
+def test_grpo_trains_saves_exports_and_summarises(grpo_run):
+    output, text = grpo_run
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    assert (output / "merged_16bit" / "config.json").is_file()
+    used = yaml.safe_load((output / "grpo_config.yaml").read_text())
+    assert used["max_steps"] == 2  # the flag won over the config's 5
+    assert used["rewards"] == ["xml_tags:0.5", "numeric_answer:2.0", "length:0.25"]
+    assert used["learning_rate"] == pytest.approx(5e-6) and used["loss_type"] == "dapo" and used["beta"] == 0
+    assert "1 of 10 prompts are longer than 96 tokens (--max-prompt-length) and are left out\n  step 1/2" in text
+    rewards = [float(x) for x in re.findall(r"^  step \d/2  loss -?\d+\.\d+  reward (-?\d+\.\d+)", text, re.MULTILINE)]
+    assert len(rewards) == 2 and all(0 <= r <= 2.75 for r in rewards)  # weights 0.5 + 2 + 0.25, each reward in [0, 1]
+    summary = r"^trained 2 steps in \d+\.\d s, ([\d,]+) tokens/s \(prompts and completions\)$"
+    found = re.search(summary, text, re.MULTILINE)
+    assert found and float(found.group(1).replace(",", "")) > 0
+    assert f"mean reward {rewards[0]:.4f} at step 1 -> {rewards[1]:.4f} at step 2" in text
+    assert f"adapter: {output / 'adapter'}" in text and f"merged_16bit: {output / 'merged_16bit'}" in text
+    assert f"settings: {output / 'grpo_config.yaml'}" in text
 
 
 def test_sft_from_config_trains_saves_and_exports(trained, capsys):
@@ -98,13 +170,16 @@ def test_export_adapter_to_gguf_q8_0_and_for_ollama(trained, capsys):
     assert "ollama create" in out
 
 
+GRPO = ["grpo", "--model", "{base}", "--dataset", "{questions}", "--prompt-column", "question", "--output", "{root}/g"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["sft", "--dataset", "{data}"], "--model is required"),
         (["sft", "--model", "{base}", "--dataset", "{root}/missing.jsonl"], "does not exist"),
         (["sft", "--model", "{root}/no-model", "--dataset", "{data}"], "model folder"),
-        (["sft", "--model", "{base}", "--dataset", "{data}", "--column", "prompt"], "columns are ['messages']"),
+        (["sft", "--model", "{base}", "--dataset", "{data}", "--output", "{root}/c", "--column", "x"], "no column 'x'"),
         (["sft", "--model", "{base}", "--dataset", "{data}", "--chat-template", "llama-9"], "valid names: chatml"),
         (["sft", "--model", "{base}", "--dataset", "{data}", "--export", "gguf:q9_k"], "valid: f32"),
         (["sft", "--model", "{base}", "--dataset", "{data}", "--export", "onnx"], "unknown export 'onnx'"),
@@ -119,12 +194,24 @@ def test_export_adapter_to_gguf_q8_0_and_for_ollama(trained, capsys):
          "--for ollama writes gguf"),
         (["export", "--model", "{base}", "--output", "{root}/x"], "--format"),
         (["quickstart", "--steps", "0"], "at least 1"),
+        (GRPO, "--rewards is required"),
+        ([*GRPO, "--rewards", "speed"], "unknown reward 'speed'"),
+        ([*GRPO, "--rewards", "xml:lots"], "must be a number"),
+        ([*GRPO, "--rewards", "length"], "needs --length-target"),
+        ([*GRPO, "--rewards", "xml", "--prompt-column", "prompt"], "no column 'prompt'"),
+        ([*GRPO, "--rewards", "numeric", "--answer-column", "solution"], "column 'solution', which the dataset lacks"),
+        ([*GRPO, "--rewards", "xml", "--batch-size", "3"], "must be a multiple of num_generations (4)"),
+        ([*GRPO, "--rewards", "xml", "--num-generations", "1"], "at least 2"),
+        ([*GRPO, "--rewards", "xml", "--loss-type", "ppo"], "invalid choice: 'ppo'"),
+        ([*GRPO, "--rewards", "xml", "--max-completion-length", "255"], "exceeds the context of 256 tokens"),
+        ([*GRPO, "--rewards", "xml", "--max-prompt-length", "2", "--max-completion-length", "4"], "every prompt"),
     ],
 )
 def test_user_mistakes_exit_2_with_a_message(tiny_files, capsys, args, message):
     root, base, data = tiny_files
     (root / "typo.yaml").write_text(f"model: {base}\ndataset: {data}\nlerning_rate: 1e-3\n")
-    code, out, err = run_cli(capsys, *(a.format(root=root, base=base, data=data) for a in args))
+    names = {"root": root, "base": base, "data": data, "questions": root / "questions.jsonl"}
+    code, out, err = run_cli(capsys, *(a.format(**names) for a in args))
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out
@@ -136,11 +223,17 @@ def test_sft_refuses_to_overwrite_an_adapter(trained, tiny_files, capsys):
     assert code == 2 and "--overwrite" in err
 
 
+GRPO_HELP = ["(default: 5e-6; SFT", "compared with each other (default: 4)", "(default: 256)", "(default: dapo)",
+             "skips the reference model (default: 0)", "--rewards", "numeric_answer", "exact_answer", "(required)",
+             "--config", "unsloth", "default: 16)", "(default: prompt)", "(default: answer)", "--export"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "command, expected",
     [
         ("sft", ["(default: 2e-4 for SFT", "5e-6", "default: 16)", "unsloth", "q4_k_m", "all 7", "--responses-only", "--config"]),
         ("export", ["q4_k_m", "merged_16bit", "vllm", "ollama", "llama.cpp", "base_model_name_or_path"]),
+        ("grpo", GRPO_HELP),
         ("quickstart", ["loraforge-quickstart", "default: 200", "--overwrite"]),
         ("env", ["--json", "compute capability"]),
         ("demo", ["default: 40"]),

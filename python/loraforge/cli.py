@@ -1,8 +1,9 @@
-"""The `loraforge` command line: quickstart, sft, export, env (and the older NF4 demo).
+"""The `loraforge` command line: quickstart, sft, grpo, export, env (and the older NF4 demo).
 
     loraforge quickstart                                  # tiny model, offline, CPU: train, merge, GGUF
     loraforge sft --model meta-llama/Llama-3.1-8B-Instruct --dataset chats.jsonl --chat-template llama-3.1
     loraforge sft --config run.yaml --max-steps 100       # flags win over the YAML file
+    loraforge grpo --model Qwen/Qwen2.5-1.5B-Instruct --dataset gsm8k.jsonl --rewards xml_tags:0.5,numeric_answer:2
     loraforge export --adapter outputs/adapter --output served --for ollama
     loraforge env                                         # GPU, versions, loraforge's CUDA build, warnings
 
@@ -89,7 +90,10 @@ _fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 def _name_list(text) -> tuple[str, ...]:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    return tuple(item.strip() for item in items if str(item).strip())
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+_name_list.takes_lists = True  # a YAML list reaches it as a list, not as its str()
 
 
 def _boolean(text) -> bool:
@@ -147,6 +151,36 @@ def _add_quickstart(commands) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def add_lora_options(parser: argparse.ArgumentParser, d) -> None:
+    """The LoRA option group that sft and grpo share; `d` holds the defaults."""
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--r", "--lora-r", dest="r", type=_positive_int, metavar="R", help=f"LoRA rank (default: {d.r})")
+    lora.add_argument("--lora-alpha", type=_positive_int, metavar="ALPHA",
+                      help=f"LoRA scale numerator: updates are scaled by alpha/r (default: {d.lora_alpha})")
+    lora.add_argument("--lora-dropout", type=_fraction, metavar="P",
+                      help=f"dropout on the LoRA input; 0 keeps the fused fast path (default: {d.lora_dropout:g})")
+    lora.add_argument("--target-modules", type=_name_list, metavar="A,B,...",
+                      help=f"projections to adapt (default: all 7: {','.join(d.target_modules)})")
+    lora.add_argument("--use-rslora", action=argparse.BooleanOptionalAction,
+                      help="rank-stabilised scaling alpha/sqrt(r) (default: off)")
+    lora.add_argument("--use-gradient-checkpointing", "--gradient-checkpointing", dest="use_gradient_checkpointing",
+                      choices=("unsloth", "true", "false"), help="\"unsloth\" checkpoints every layer and keeps its "
+                      f"input in CPU memory; true keeps it on the GPU (default: {d.use_gradient_checkpointing})")
+
+
+def add_output_options(parser: argparse.ArgumentParser, d) -> None:
+    """The output option group that sft and grpo share; `d` holds the defaults."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", "--output", dest="output_dir", metavar="DIR",
+                     help=f"adapter goes to DIR/adapter, exports beside it (default: ./{d.output_dir})")
+    out.add_argument("--export", type=_name_list, metavar="LIST",
+                     help=f"after training also write any of {', '.join(EXPORT_KINDS)}; gguf:QUANT picks the GGUF "
+                     "quantization, e.g. merged_16bit,gguf:q4_k_m,gguf:q8_0 (bare gguf: q4_k_m) (default: none)")
+    out.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                     help="replace an earlier run's files in DIR (default: off)")
+    out.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
+
+
 def _add_sft(commands) -> argparse.ArgumentParser:
     d = DEFAULTS
     parser = commands.add_parser(
@@ -180,19 +214,7 @@ def _add_sft(commands) -> argparse.ArgumentParser:
                       help="load the base in 4-bit NF4 (QLoRA); --no-load-in-4bit trains LoRA on 16-bit (default: on)")
     data.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                       help="compute dtype (default: auto: bfloat16 where the GPU has it, else float16; float32 on CPU)")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--r", "--lora-r", dest="r", type=_positive_int, metavar="R", help=f"LoRA rank (default: {d.r})")
-    lora.add_argument("--lora-alpha", type=_positive_int, metavar="ALPHA",
-                      help=f"LoRA scale numerator: updates are scaled by alpha/r (default: {d.lora_alpha})")
-    lora.add_argument("--lora-dropout", type=_fraction, metavar="P",
-                      help=f"dropout on the LoRA input; 0 keeps the fused fast path (default: {d.lora_dropout:g})")
-    lora.add_argument("--target-modules", type=_name_list, metavar="A,B,...",
-                      help=f"projections to adapt (default: all 7: {','.join(d.target_modules)})")
-    lora.add_argument("--use-rslora", action=argparse.BooleanOptionalAction,
-                      help="rank-stabilised scaling alpha/sqrt(r) (default: off)")
-    lora.add_argument("--use-gradient-checkpointing", "--gradient-checkpointing", dest="use_gradient_checkpointing",
-                      choices=("unsloth", "true", "false"), help="\"unsloth\" checkpoints every layer and keeps its "
-                      f"input in CPU memory; true keeps it on the GPU (default: {d.use_gradient_checkpointing})")
+    add_lora_options(parser, d)
     train = parser.add_argument_group("training")
     train.add_argument("--learning-rate", "--lr", dest="learning_rate", type=_positive_float, metavar="LR",
                        help=f"peak learning rate (default: {d.learning_rate:.0e} for SFT; RL such as GRPO takes ~5e-6)".replace("e-04", "e-4"))
@@ -220,15 +242,7 @@ def _add_sft(commands) -> argparse.ArgumentParser:
                        help="write a resumable checkpoint to OUTPUT/checkpoints every N steps (default: 0: none)")
     train.add_argument("--responses-only", action=argparse.BooleanOptionalAction,
                        help="compute the loss on the assistant replies only (train_on_responses_only) (default: off)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", "--output", dest="output_dir", metavar="DIR",
-                     help=f"adapter goes to DIR/adapter, exports beside it (default: ./{d.output_dir})")
-    out.add_argument("--export", type=_name_list, metavar="LIST",
-                     help=f"after training also write any of {', '.join(EXPORT_KINDS)}; gguf:QUANT picks the GGUF "
-                     "quantization, e.g. merged_16bit,gguf:q4_k_m,gguf:q8_0 (bare gguf: q4_k_m) (default: none)")
-    out.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
-                     help="replace an earlier run's files in DIR (default: off)")
-    out.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
+    add_output_options(parser, d)
     parser.set_defaults(handler=_sft)  # fmt: skip
     return parser
 
@@ -267,13 +281,15 @@ def _config_values(path: str, parser: argparse.ArgumentParser) -> dict:
         if action is None:
             valid = sorted({a.dest for a in known.values()})
             raise SFTInputError(f"config file {path!r}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+        if value is None:  # `key:` with nothing after it: the default
+            continue
         try:
             if isinstance(action, argparse.BooleanOptionalAction):
                 value = _boolean(value)
-            elif action.type is not None and value is not None and not isinstance(value, (list, tuple)):
-                value = action.type(value if action.type is _name_list else str(value))
-            elif action.type is _name_list:
-                value = _name_list(value)
+            elif getattr(action.type, "takes_lists", False):
+                value = action.type(value)
+            elif action.type is not None and not isinstance(value, (list, tuple)):
+                value = action.type(str(value))
             if action.choices and value not in action.choices:
                 raise argparse.ArgumentTypeError(f"choose from {', '.join(map(str, action.choices))}")
         except (argparse.ArgumentTypeError, ValueError) as error:
@@ -282,23 +298,29 @@ def _config_values(path: str, parser: argparse.ArgumentParser) -> dict:
     return values
 
 
-def sft_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SFTSettings:
-    """Dataclass defaults, then the config file, then the flags given."""
+def merged_settings(args: argparse.Namespace, parser: argparse.ArgumentParser, cls, required=("model", "dataset")):
+    """A `cls` settings dataclass: its defaults, then the config file, then the flags given."""
     import dataclasses
 
-    values = DEFAULTS.to_dict()
+    values = cls(model="", dataset="").to_dict()
     if args.config:
         values.update(_config_values(args.config, parser))
-    for field in dataclasses.fields(SFTSettings):
+    for field in dataclasses.fields(cls):
         given = getattr(args, field.name, None)
         if given is not None:
             values[field.name] = given
-    for required in ("model", "dataset"):
-        if not values.get(required):
-            parser.error(f"--{required} is required (or `{required}:` in the --config file)")
-    values["target_modules"] = tuple(values["target_modules"])
-    values["export"] = tuple(values["export"] or ())
-    return SFTSettings(**values)
+    for name in required:
+        if not values.get(name):
+            parser.error(f"--{name.replace('_', '-')} is required (or `{name}:` in the --config file)")
+    for field in dataclasses.fields(cls):
+        if isinstance(field.default, tuple):
+            values[field.name] = tuple(values[field.name] or ())
+    return cls(**values)
+
+
+def sft_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SFTSettings:
+    """Dataclass defaults, then the config file, then the flags given."""
+    return merged_settings(args, parser, SFTSettings)
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -311,21 +333,18 @@ def _sft(args: argparse.Namespace) -> int:
     sft.validate(settings)  # a typo should fail before anything loads
     sft.refuse_existing_outputs(settings)
     print(f"loraforge sft: {settings.model} on {settings.dataset} -> {settings.output_dir}")
-    try:
-        from loraforge.env_report import banner
-
-        print(banner())
-    except Exception as error:  # noqa: BLE001 - the banner is a courtesy; never fail a run over it
-        print(f"(no environment banner: {error})")
+    # The environment banner (GPU, versions) comes from FastLanguageModel.from_pretrained, once.
     # Written first, so a run that fails or is stopped still says how it was started.
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(settings.output_dir, "sft_config.yaml").write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    config_file = Path(settings.output_dir, "sft_config.yaml")
+    config_file.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
     result = sft.run_sft(settings, callbacks=[sft.progress_callback()])
     print(f"\ntrained {result.trainer.state.global_step} steps in {result.seconds:.1f} s, "
           f"{result.tokens_per_second:,.0f} tokens/s; final loss {sft.final_loss(result.losses):.4f}")
     print(f"adapter: {result.adapter_dir}")
     for kind, paths in result.exports.items():
         print(f"{kind}: {', '.join(paths)}")
+    print(f"settings: {config_file}")
     return 0
 
 
@@ -499,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(commands)
     sft_parser = _add_sft(commands)
     sft_parser.set_defaults(parser=sft_parser)
+    from loraforge.cli_grpo import add_grpo
+
+    grpo_parser = add_grpo(commands)
+    grpo_parser.set_defaults(parser=grpo_parser)
     _add_export(commands)
     commands.choices["export"].set_defaults(parser=commands.choices["export"])
     env = commands.add_parser("env", help="GPU, library versions, loraforge's CUDA build, and what does not fit",

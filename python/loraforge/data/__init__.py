@@ -7,6 +7,8 @@ The pieces, in the order a notebook uses them:
   on a tokenizer, with the matching end-of-turn token as eos.
 * `train_on_responses_only`: after a trainer is built, set labels so only assistant replies count
   in the loss (`mask_non_responses` does it for one token sequence).
+* `chat_template_problems`: a template of another model family, or an end-of-turn token generation
+  does not stop on (loraforge's SFT and GRPO trainers warn about these as training starts).
 
 `datasets` is needed only for `datasets.Dataset` inputs; plain lists of dicts work without it.
 """
@@ -19,6 +21,10 @@ from loraforge.data.chat_templates import (
 )
 from loraforge.data.response_only import mask_non_responses, train_on_responses_only
 from loraforge.data.sharegpt import standardize_sharegpt
+from loraforge.data.template_check import (
+    chat_template_problems,
+    warn_on_chat_template_problems,
+)
 from loraforge.data.templates import (
     CHAT_TEMPLATES,
     EOS_PLACEHOLDER,
@@ -33,6 +39,7 @@ __all__ = [
     "EOS_PLACEHOLDER",
     "ChatTemplate",
     "build_jinja",
+    "chat_template_problems",
     "detect_chat_template",
     "get_chat_template",
     "lookup_template",
@@ -40,4 +47,5 @@ __all__ = [
     "standardize_sharegpt",
     "template_names",
     "train_on_responses_only",
+    "warn_on_chat_template_problems",
 ]

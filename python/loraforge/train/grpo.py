@@ -134,6 +134,14 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._offloaded_checkpointing = isinstance(model, torch.nn.Module) and uses_offloaded_checkpointing(model)
         super().__init__(*args, **kwargs)
 
+    def train(self, *args, **kwargs):
+        """TRL's train, after warning when the chat template does not fit the model (wrong family, or
+        an end-of-turn token that generation does not stop on: see data/template_check.py)."""
+        from loraforge.data.template_check import warn_on_chat_template_problems
+
+        warn_on_chat_template_problems(self.model, self.processing_class)
+        return super().train(*args, **kwargs)
+
     def _chunked_scoring_applies(self, model, compute_aux_loss: bool, extra: dict) -> bool:
         if compute_aux_loss or any(extra.get(name) is not None for name in _MULTIMODAL_KWARGS):
             return False

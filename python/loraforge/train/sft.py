@@ -149,7 +149,8 @@ def validate(settings: SFTSettings) -> None:
 
 
 def load_model(settings: SFTSettings):
-    """(PEFT model with LoRA, tokenizer with the chat template), as the notebook builds them."""
+    """(PEFT model with LoRA, tokenizer with the chat template), as the notebook builds them. Any
+    settings object with SFTSettings' model and LoRA fields will do (GRPO's does)."""
     from loraforge.data import get_chat_template
     from loraforge.models import FastLanguageModel
 
@@ -278,13 +279,15 @@ def _trainer_class():
     import trl
     from transformers import Trainer
 
+    from loraforge.data.template_check import warn_on_chat_template_problems
     from loraforge.models.patch import is_patched
 
     class LoraforgeSFTTrainer(trl.SFTTrainer):
         """TRL's SFTTrainer whose loss is the model's own forward: loraforge's fused linear
         cross-entropy on a patched model. TRL's own scoring is a Triton kernel, which on a machine
         without a GPU runs in Triton's interpreter, orders of magnitude slower than the model. Also
-        counts the tokens trained on, for tokens/s."""
+        counts the tokens trained on, for tokens/s, and warns as training starts when the chat
+        template does not fit the model (data/template_check.py)."""
 
         tokens_seen = 0
 
@@ -295,6 +298,10 @@ def _trainer_class():
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)  # fmt: skip
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def train(self, *args, **kwargs):
+            warn_on_chat_template_problems(self.model, self.processing_class)  # wrong family, or won't stop
+            return super().train(*args, **kwargs)
 
     return LoraforgeSFTTrainer
 
@@ -354,8 +361,9 @@ def build_trainer(model, tokenizer, train_dataset, settings: SFTSettings, callba
     return trainer
 
 
-def progress_callback(write=print, total_steps: int | None = None):
-    """A TrainerCallback that prints one line per logged step: loss, learning rate, time, ETA."""
+def progress_callback(write=print, total_steps: int | None = None, extra: tuple[str, ...] = ()):
+    """A TrainerCallback that prints one line per logged step: loss, the `extra` logged values (e.g.
+    GRPO's "reward"), learning rate, time, ETA."""
     from transformers import TrainerCallback
 
     class ProgressLines(TrainerCallback):
@@ -368,7 +376,8 @@ def progress_callback(write=print, total_steps: int | None = None):
             elapsed = time.perf_counter() - self.start
             total = total_steps or state.max_steps
             eta = elapsed / max(state.global_step, 1) * max(total - state.global_step, 0)
-            line = (f"  step {state.global_step:>{len(str(total))}}/{total}  loss {float(logs['loss']):.4f}  "
+            values = "".join(f"{key} {float(logs[key]):.4f}  " for key in extra if key in logs)
+            line = (f"  step {state.global_step:>{len(str(total))}}/{total}  loss {float(logs['loss']):.4f}  {values}"
                     f"lr {float(logs.get('learning_rate', 0)):.2e}  {elapsed:6.1f} s  eta {eta:5.0f} s")  # fmt: skip
             write(line)
 

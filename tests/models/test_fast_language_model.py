@@ -193,3 +193,44 @@ def test_full_finetuning_and_16bit_lora_train(saved_models):
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+def test_cached_cuda_dequantization_equals_the_op(seed):
+    """base_weight's direct _core call (cached per layer) gives the op's bits, and follows a swapped weight."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import bitsandbytes as bnb
+
+    from loraforge import nf4
+    from loraforge.models import base_weight
+
+    layers = []
+    for shape in ((96, 320), (37, 64)):
+        layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(shape, dtype=torch.bfloat16), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=True)  # fmt: skip
+        layers.append(layer.cuda())
+    for layer in layers:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            expected = nf4.dequantize(layer.weight.data, layer.weight.quant_state, out_dtype=dtype)
+            assert torch.equal(base_weight.dense_weight(layer, dtype), expected)
+        assert "_loraforge_dequant" in layer.__dict__  # the cached direct call was taken
+    # The first layer takes the second's weight: the cache notices and follows.
+    layers[0].weight = layers[1].weight
+    expected = nf4.dequantize(layers[1].weight.data, layers[1].weight.quant_state, out_dtype=torch.bfloat16)
+    assert torch.equal(base_weight.dense_weight(layers[0], torch.bfloat16), expected)
+
+
+def test_adapter_casts_are_cached_until_the_parameter_changes(seed):
+    from loraforge.models.lora_autograd import adapter_in
+
+    weight = torch.nn.Parameter(torch.randn(4, 6))
+    first = adapter_in(weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, weight.detach().to(torch.bfloat16))
+    assert adapter_in(weight, torch.bfloat16) is first  # no new cast while the weight is unchanged
+    assert adapter_in(weight, torch.float32) is weight
+    with torch.no_grad():
+        weight.add_(1.0)  # what an optimizer step does: an in-place update bumps the version
+    second = adapter_in(weight, torch.bfloat16)
+    assert second is not first and torch.equal(second, weight.detach().to(torch.bfloat16))

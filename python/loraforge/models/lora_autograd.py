@@ -34,6 +34,7 @@ rules with input X, dX summed over both. Saved: X, G, U (G and U are needed for 
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from loraforge.models.base_weight import base_bias, dense_weight
 from loraforge.ops import swiglu as _swiglu_ops  # noqa: F401  (registers loraforge::gated_activation*)
@@ -53,6 +54,30 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def adapter_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A LoRA weight in the compute dtype. PEFT keeps adapters in fp32 while the matmuls run in
+    bf16/fp16; the cast is made once per optimizer step (kept on the parameter, keyed by its version
+    counter, which every in-place update bumps) instead of at each of the forward, recompute and
+    backward uses: ~1,300 fewer small ops per step of an 8B model, whose step is bound by the host.
+    Costs one compute-dtype copy of the adapters (84 MB at r=16 on all projections of an 8B model)."""
+    if weight.dtype == dtype:
+        return weight
+    if torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return weight.to(dtype)  # traced graphs, and wrapper subclasses (FSDP2's DTensor): no cache
+    key = (weight._version, weight.data_ptr(), dtype)
+    cached = _ADAPTER_CASTS.get(weight)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cast = weight.detach().to(dtype)
+    _ADAPTER_CASTS[weight] = (key, cast)
+    return cast
+
+
+# Keyed by the parameter object, held weakly: kept off the parameter itself so that pickling a
+# module never carries the copies along.
+_ADAPTER_CASTS = WeakIdKeyDictionary()
+
+
 class LoRAProjection:
     """What the fused functions need of one PEFT LoRA-wrapped Linear: base layer, A, B, scaling."""
 
@@ -68,7 +93,7 @@ def _forward(proj: LoRAProjection, x: torch.Tensor) -> torch.Tensor:
     if bias is not None:
         y = y + bias.to(x.dtype)
     if proj.A is not None:
-        y = y.addmm_((x @ proj.A.to(x.dtype).t()), proj.B.to(x.dtype).t(), alpha=proj.scaling)
+        y = y.addmm_((x @ adapter_in(proj.A, x.dtype).t()), adapter_in(proj.B, x.dtype).t(), alpha=proj.scaling)
     return y
 
 
@@ -79,7 +104,7 @@ def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch
     del w
     if proj.A is None:
         return grad_x, None, None
-    a, b, s = proj.A.to(dy.dtype), proj.B.to(dy.dtype), proj.scaling
+    a, b, s = adapter_in(proj.A, dy.dtype), adapter_in(proj.B, dy.dtype), proj.scaling
     h = x @ a.t()
     grad_b = (dy.t() @ h).mul_(s)
     grad_h = (dy @ b).mul_(s)
@@ -173,7 +198,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dh = dout @ w
         del w
         if down.A is not None:
-            a, b, s = down.A.to(dout.dtype), down.B.to(dout.dtype), down.scaling
+            a, b, s = adapter_in(down.A, dout.dtype), adapter_in(down.B, dout.dtype), down.scaling
             grad_hd = (dout @ b).mul_(s)  # dL/d(Hm A^T), [n, r]
             dh.addmm_(grad_hd, a)
         torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, ctx.activation)

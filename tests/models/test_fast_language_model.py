@@ -36,13 +36,28 @@ def _loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("arch", testing.ARCHITECTURES)
 @pytest.mark.parametrize("load_in_4bit", (True, False))
-def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, seed):
+def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, seed, monkeypatch):
+    from loraforge.models import stacked_lora
+
     ours, plain, tokenizer = _pair(saved_models[arch], load_in_4bit, seed % 1000)
     norms = [m for m in ours.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all("forward" in m.__dict__ for m in norms)  # every RMSNorm takes our kernel
     batch = tokenizer(["The cat sat on the warm mat.", "Rain falls softly on the roof today"],
                       return_tensors="pt", padding=True)  # fmt: skip
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(stacked_lora, f"stacked_{name}")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(stacked_lora, f"stacked_{name}", counted)
     loss_ours, grads_ours = _loss_and_grads(ours, batch)
+    layers = ours.config.num_hidden_layers
+    # NF4 bases run Q/K/V and gate/up stacked (forward, checkpoint recompute, backward); 16-bit ones do not.
+    expected = (2 * 2 * layers, 2 * layers) if load_in_4bit else (0, 0)
+    assert (calls["forward"], calls["backward"]) == expected
     loss_plain, grads_plain = _loss_and_grads(plain, batch)
     assert torch.allclose(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)
     assert grads_ours.keys() == grads_plain.keys() and len(grads_ours) > 0

@@ -184,7 +184,7 @@ def test_bad_input_raises_clear_errors():
         torch.ops.loraforge.gated_activation(gate, up, "relu", False)
     with pytest.raises(ValueError, match="grad_h has shape"):
         torch.ops.loraforge.gated_activation_backward(torch.randn(4, 8), gate, up, "silu")
-    with pytest.raises(ValueError, match="must be contiguous to receive"):
+    with pytest.raises(ValueError, match="must be contiguous .or 2-D row-strided views. to receive"):
         torch.ops.loraforge.gated_activation_backward_(torch.randn(32, 4), gate.t(), up.t(), "silu")
     with pytest.raises(ValueError, match="grad_h must be contiguous with gate's shape"):
         torch.ops.loraforge.gated_activation_backward_h_(torch.randn(32, 4).t(), gate, up, "silu")

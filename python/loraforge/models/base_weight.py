@@ -57,10 +57,11 @@ class _CudaDequantCall:
     def matches(self, packed: torch.Tensor, state) -> bool:
         return self._key(packed, state) == self.key
 
-    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         from loraforge import _core, _native
 
-        out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.device)
         _core.nf4_dequantize_nested_cuda(*self.pointers, self.n, self.blocksize, out.data_ptr(),
                                          _native.DTYPE_CODES[dtype], torch.cuda.current_stream(self.device).cuda_stream)  # fmt: skip
         return out
@@ -69,7 +70,7 @@ class _CudaDequantCall:
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _fast_cuda_dequant(layer: torch.nn.Module, packed: torch.Tensor, state, dtype: torch.dtype):
+def _fast_cuda_dequant(layer: torch.nn.Module, packed: torch.Tensor, state, dtype: torch.dtype, out=None):
     """W through the cached direct call, or None where it does not apply (CPU, not double-quantized,
     another current device, torch.compile tracing, a bitsandbytes CPU layout)."""
     if not packed.is_cuda or not state.nested or dtype not in _FAST_DTYPES or torch.compiler.is_compiling():
@@ -88,7 +89,7 @@ def _fast_cuda_dequant(layer: torch.nn.Module, packed: torch.Tensor, state, dtyp
         except (TypeError, ValueError):  # statistics in a layout the kernel does not take: the op path says why
             return None
         layer.__dict__["_loraforge_dequant"] = call
-    return call(dtype)
+    return call(dtype, out)
 
 
 def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +107,15 @@ def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
             return F.dequantize_4bit(layer.weight.data, state).to(dtype)
         return nf4.dequantize(layer.weight.data, state, out_dtype=dtype)
     return layer.weight.to(dtype)
+
+
+def dequantize_into(layer: torch.nn.Module, out: torch.Tensor) -> None:
+    """Write W of an NF4 `layer` into `out` (contiguous, W's number of elements, the compute dtype):
+    straight from the kernel on CUDA, through a temporary elsewhere."""
+    state = _quant_state(layer)
+    if out.is_contiguous() and _fast_cuda_dequant(layer, layer.weight.data, state, out.dtype, out) is not None:
+        return
+    out.copy_(dense_weight(layer, out.dtype).view(out.shape))
 
 
 def base_bias(layer: torch.nn.Module) -> torch.Tensor | None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from loraforge.models import stacked_lora
 from loraforge.models.base_weight import base_bias, dense_weight
 from loraforge.ops import swiglu as _swiglu_ops  # noqa: F401  (registers loraforge::gated_activation*)
 
@@ -148,6 +149,10 @@ class LoRAQKVFunction(torch.autograd.Function):
             ctx.projs, ctx.x_dtype = (q, k, v), x.dtype
             ctx.save_for_backward(xc)
             flat = _flat(xc)
+            ctx.stacked = stacked_lora.stackable((q, k, v))
+            if ctx.stacked:  # one [n, q+k+v] product; q, k, v are column views of it
+                y = stacked_lora.stacked_forward((q, k, v), flat)
+                return tuple(t.view(*x.shape[:-1], -1) for t in y.split(stacked_lora.out_sizes((q, k, v)), dim=1))
             return tuple(_forward(p, flat).view(*x.shape[:-1], -1) for p in (q, k, v))
 
     @staticmethod
@@ -155,10 +160,15 @@ class LoRAQKVFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         with no_autocast(x):
             flat = _flat(x)
+            grads_out = [_flat(d).to(x.dtype) for d in (dq, dk, dv)]
+            if ctx.stacked:
+                dx, grads_a, grads_b = stacked_lora.stacked_backward(ctx.projs, flat, torch.cat(grads_out, dim=1))
+                grads = [g for pair in zip(grads_a, grads_b) for g in pair]
+                return (dx.view_as(x).to(ctx.x_dtype), *grads, None, None, None)
             dx = None
             grads = []
-            for proj, dy in zip(ctx.projs, (dq, dk, dv)):
-                dx, da, db = _backward(proj, flat, _flat(dy).to(x.dtype), dx)
+            for proj, dy in zip(ctx.projs, grads_out):
+                dx, da, db = _backward(proj, flat, dy, dx)
                 grads += [da, db]
             return (dx.view_as(x).to(ctx.x_dtype), *grads, None, None, None)
 
@@ -173,12 +183,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         with no_autocast(x):
             xc = x.to(dtype)
             flat = _flat(xc)
-            g = _forward(gate, flat)
-            u = _forward(up, flat)
+            ctx.stacked = stacked_lora.stackable((gate, up))
+            if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
+                gu = stacked_lora.stacked_forward((gate, up), flat)
+                g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
+            else:
+                gu, g, u = None, _forward(gate, flat), _forward(up, flat)
             h = torch.ops.loraforge.gated_activation(g, u, activation, False)
             out = _forward(down, h)
             ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
-            ctx.save_for_backward(xc, g, u)
+            ctx.save_for_backward(xc, gu if ctx.stacked else g, None if ctx.stacked else u)
             return out.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -189,6 +203,10 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, x, g, u, dout):
+        gu = None
+        if ctx.stacked:  # saved as one [n, 2 I] buffer; its halves receive dG and dU in place
+            gu = g
+            g, u = gu.split(stacked_lora.out_sizes(ctx.projs[:2]), dim=1)
         gate, up, down = ctx.projs
         dout = _flat(dout)
         # dHm first (it needs no Hm), then one fused kernel turns (dHm, G, U) into (dG, dU) in G's and
@@ -209,6 +227,9 @@ class LoRAMLPFunction(torch.autograd.Function):
             d_dA = (grad_hd.t() @ h).to(down.A.dtype)
         del h, dh
         flat = _flat(x)
+        if gu is not None:  # gu now holds [dG | dU]
+            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu)
+            return dx.view_as(x).to(ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)
         return dx.view_as(x).to(ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None

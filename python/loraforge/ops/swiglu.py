@@ -184,9 +184,15 @@ gated_activation_backward = define_op(
 )
 
 
+def _rows_in_place(t: torch.Tensor) -> bool:
+    """Contiguous, or a 2-D view of rows with a unit last stride (a column half of a wider buffer)."""
+    return t.is_contiguous() or (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1])
+
+
 def _check_overwritable(gate, up) -> None:
-    if not (gate.is_contiguous() and up.is_contiguous()):
-        raise ValueError("gate and up must be contiguous to receive their gradients in place")
+    if not (_rows_in_place(gate) and _rows_in_place(up)):
+        raise ValueError("gate and up must be contiguous (or 2-D row-strided views) to receive their gradients "
+                         "in place")  # fmt: skip
 
 
 def _backward_inplace_reference(grad_h, gate, up, activation):

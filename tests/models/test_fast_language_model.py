@@ -249,3 +249,11 @@ def test_adapter_casts_are_cached_until_the_parameter_changes(seed):
         weight.add_(1.0)  # what an optimizer step does: an in-place update bumps the version
     second = adapter_in(weight, torch.bfloat16)
     assert second is not first and torch.equal(second, weight.detach().to(torch.bfloat16))
+    # torch's fused AdamW (Trainer's default) writes the parameter without bumping its version: the
+    # optimizer-step count in the key catches it.
+    weight.grad = torch.randn_like(weight)
+    version = weight._version
+    torch.optim.AdamW([weight], lr=0.5, fused=True).step()
+    assert weight._version == version  # the case the step count is there for
+    third = adapter_in(weight, torch.bfloat16)
+    assert torch.equal(third, weight.detach().to(torch.bfloat16))

@@ -34,6 +34,7 @@ rules with input X, dX summed over both. Saved: X, G, U (G and U are needed for 
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from loraforge.models import stacked_lora
@@ -65,7 +66,7 @@ def adapter_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return weight
     if torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return weight.to(dtype)  # traced graphs, and wrapper subclasses (FSDP2's DTensor): no cache
-    key = (weight._version, weight.data_ptr(), dtype)
+    key = (weight._version, weight.data_ptr(), dtype, optimizer_steps())
     cached = _ADAPTER_CASTS.get(weight)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -77,6 +78,25 @@ def adapter_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # Keyed by the parameter object, held weakly: kept off the parameter itself so that pickling a
 # module never carries the copies along.
 _ADAPTER_CASTS = WeakIdKeyDictionary()
+
+# The version counter alone is not enough: torch's fused AdamW (transformers Trainer's default,
+# "adamw_torch_fused") writes the parameters without bumping it. So the key also carries a count of
+# optimizer steps, from a global post-step hook that every torch.optim.Optimizer (bitsandbytes' too)
+# runs. An update made outside an optimizer must be an in-place op on the parameter (which bumps
+# its version) or replace its storage.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(_optimizer, _args, _kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps have run in this process (any torch.optim.Optimizer)."""
+    return _OPTIMIZER_STEPS[0]
 
 
 class LoRAProjection:

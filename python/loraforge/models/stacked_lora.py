@@ -18,7 +18,7 @@ a few GFLOP, on a product that reads dY once instead of k times. The training st
 bound by the host's Python and launch time, so fewer, larger calls are faster on both sides.
 
 The NF4 bases are dequantized straight into row slices of one W buffer (no copy); A and Bd are built
-once per optimizer step (cached, keyed by the adapters' version counters). Only groups whose bases
+once per optimizer step (cached, keyed by the adapters' version counters and the optimizer step count). Only groups whose bases
 are all NF4 are stacked (with biases on all or none: Qwen2's q/k/v); 16-bit bases would need a copy of the weights, and keep the per-projection
 path (lora_autograd).
 """
@@ -61,7 +61,10 @@ _STACKED_ADAPTERS = WeakIdKeyDictionary()  # first A of a group -> (key, A, Bd)
 
 def stacked_adapters(projs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [R, in], Bd [O, R]) in `dtype`, rebuilt only when an adapter changed (an optimizer step)."""
-    key = (dtype, *((p.A._version, p.A.data_ptr(), p.B._version, p.B.data_ptr(), p.scaling) for p in projs))
+    from loraforge.models.lora_autograd import optimizer_steps  # (see adapter_in: fused AdamW bumps no version)
+
+    key = (dtype, optimizer_steps(),
+           *((p.A._version, p.A.data_ptr(), p.B._version, p.B.data_ptr(), p.scaling) for p in projs))  # fmt: skip
     cached = _STACKED_ADAPTERS.get(projs[0].A)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]

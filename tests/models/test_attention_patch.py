@@ -79,7 +79,11 @@ def _loss_and_grads(model, batch, **kwargs):
 def _assert_same_grads(grads, expected):
     assert grads.keys() == expected.keys() and grads and all("lora_" in name for name in grads)
     for name in grads:
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+        # atol on the gradient's own scale: the stacked Q/K/V and gate/up products of NF4 layers sum in
+        # another order than PEFT's three products, which moves fp32 results by ~1e-6 of that scale
+        # after two layers (measured: up to 5e-6 relative to max |g|); a wrong formula is off by O(1).
+        atol = max(1e-6, 2e-5 * expected[name].abs().max().item())
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("arch,attn", IMPLEMENTATIONS)

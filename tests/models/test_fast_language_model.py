@@ -63,7 +63,9 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     assert grads_ours.keys() == grads_plain.keys() and len(grads_ours) > 0
     assert all("lora_" in name for name in grads_ours)
     for name in grads_ours:
-        torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+        # atol on the gradient's scale: see tests/models/test_attention_patch.py::_assert_same_grads.
+        atol = max(1e-6, 2e-5 * grads_plain[name].abs().max().item())
+        torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def test_training_follows_the_same_loss_curve(saved_models, seed):

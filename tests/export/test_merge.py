@@ -183,3 +183,46 @@ def test_unsloth_style_methods(bases, tmp_path):
     model.save_pretrained_merged(tmp_path / "merged", tokenizer, save_method="merged_16bit")
     (path,) = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="q8_0")
     assert (tmp_path / "merged" / "model.safetensors").exists() and path.endswith("gguf.Q8_0.gguf")
+
+
+def test_4bit_model_merges_into_the_original_16bit_weights(bases, tmp_path):
+    """base_checkpoint: the merge starts from the checkpoint's own weights (not the NF4-rounded ones),
+    each projection = W_16bit + s B A exactly in fp32; without it, the dequantized NF4 base."""
+    from safetensors.torch import load_file
+
+    from loraforge.export.merged_weights import merged_tensors
+
+    model, tokenizer = _lora_model(bases["llama"], load_in_4bit=True)
+    save_pretrained_merged(model, tmp_path / "from16", tokenizer, "merged_16bit", base_checkpoint=bases["llama"])
+    save_pretrained_merged(model, tmp_path / "fromnf4", tokenizer, "merged_16bit")
+    original = {}
+    for file in sorted(bases["llama"].glob("*.safetensors")):
+        original.update(load_file(file))
+    from16, fromnf4 = load_file(tmp_path / "from16" / "model.safetensors"), load_file(tmp_path / "fromnf4" / "model.safetensors")
+    checked = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        key = name.split("base_model.model.", 1)[1] + ".weight"
+        delta = (module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()) * module.scaling["default"]
+        torch.testing.assert_close(from16[key], original[key].float() + delta, rtol=0, atol=0)
+        nf4_base = module.get_base_layer()
+        from loraforge.models.base_weight import dense_weight
+
+        torch.testing.assert_close(fromnf4[key], dense_weight(nf4_base, torch.float32) + delta, rtol=0, atol=0)
+        assert not torch.equal(from16[key], fromnf4[key])  # NF4 rounding is really gone
+        checked += 1
+    assert checked == 7 * 2
+    # Tensors that were never quantized (embeddings, norms, lm_head) are the same either way.
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(from16[key], fromnf4[key])
+    # The GGUF export reads the same source.
+    names = {t.name for t in merged_tensors(model, bases["llama"])}
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    # Wrong folders are clear errors, and nothing is left half-written.
+    with pytest.raises(ValueError, match="base_checkpoint must be a local folder"):
+        save_pretrained_merged(model, tmp_path / "bad", tokenizer, "merged_16bit", base_checkpoint=tmp_path / "nope")
+    other = testing.save_tiny_model(tmp_path / "other", arch="llama", seed=2, hidden_size=128, intermediate_size=256)
+    with pytest.raises(ValueError, match="has shape"):
+        save_pretrained_merged(model, tmp_path / "bad2", tokenizer, "merged_16bit", base_checkpoint=other)
+    assert not (tmp_path / "bad2" / "model.safetensors").exists()

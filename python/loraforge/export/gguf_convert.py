@@ -88,13 +88,14 @@ def _rewrite(tensor: MergedTensor, gguf_name: str, arch: GGUFArchitecture, confi
     return load
 
 
-def plan_gguf_tensors(model, arch: GGUFArchitecture | None = None) -> list[PlannedTensor]:
-    """Every tensor of the GGUF file for `model` (a PEFT LoRA model or a transformers model)."""
+def plan_gguf_tensors(model, arch: GGUFArchitecture | None = None, base_checkpoint=None) -> list[PlannedTensor]:
+    """Every tensor of the GGUF file for `model` (a PEFT LoRA model or a transformers model); NF4 bases
+    from the 16-bit `base_checkpoint` folder when given (merged_weights)."""
     transformer = transformer_of(model)
     config = transformer.config
     arch = arch or architecture_for(config)
     planned = []
-    for tensor in merged_tensors(model):
+    for tensor in merged_tensors(model, base_checkpoint):
         gguf_name = arch.gguf_tensor_name(tensor.name)
         if gguf_name == "output.weight" and arch.always_tied:
             raise NotImplementedError(
@@ -242,6 +243,7 @@ def save_pretrained_gguf(
     pre_tokenizer: str | None = None,
     write_modelfile: bool = True,
     pack_device="auto",
+    base_checkpoint=None,
 ) -> list[str]:
     """Write `model` as one GGUF file per quantization method into `save_directory`.
 
@@ -260,6 +262,9 @@ def save_pretrained_gguf(
         weight of a model that is on a GPU is packed where it is; one on the CPU is moved to the chosen
         (or current) GPU. The files are byte-identical whichever packs them.
 
+    base_checkpoint: for a 4-bit model, the local folder of its 16-bit checkpoint: the original
+        weights, not the NF4-rounded ones, are merged and exported (as in save_pretrained_merged).
+
     Returns the paths of the GGUF files, in the order of quantization_method.
     """
     if tokenizer is None:
@@ -273,7 +278,7 @@ def save_pretrained_gguf(
     config = transformer.config
     arch = architecture_for(config)
 
-    tensors = plan_gguf_tensors(model, arch)
+    tensors = plan_gguf_tensors(model, arch, base_checkpoint)
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ValueError(f"two tensors map to the same GGUF name: {sorted(n for n in names if names.count(n) > 1)}")

@@ -170,6 +170,7 @@ def save_pretrained_merged(
     *,
     overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    base_checkpoint: str | os.PathLike | None = None,
 ) -> str:
     """Save `model` (a PEFT LoRA model or a plain transformers model) to `save_directory`.
 
@@ -184,6 +185,9 @@ def save_pretrained_merged(
     maximum_memory_usage: fraction (0, 1] of the available RAM one shard may fill before it is
         written; None keeps max_shard_size (5 GB).
     overwrite: replace a non-empty `save_directory`; without it such a folder is refused.
+    base_checkpoint: for a 4-bit model, the local folder of the 16-bit checkpoint it was loaded from;
+        the merge then starts from those original weights instead of the NF4-rounded ones (nothing
+        is lost to 4-bit rounding). Without it, the dequantized NF4 weights are the base.
 
     The tokenizer, when given, is saved alongside. Returns the directory path.
     """
@@ -200,7 +204,7 @@ def save_pretrained_merged(
     budget = _shard_budget(max_shard_size, maximum_memory_usage)
     transformer = transformer_of(model)
     dtype = merged_dtype(model)
-    tensors = merged_tensors(model)
+    tensors = merged_tensors(model, base_checkpoint)
     quantize_names: set[str] = set()
     if save_method == "merged_4bit":
         warnings.warn(

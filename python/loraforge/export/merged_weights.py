@@ -13,6 +13,12 @@ time, never the whole model in fp32.
 
 Tied weights (an lm_head that is the embedding matrix) appear once, under the first name met, as
 transformers' own save_pretrained stores them.
+
+`base_checkpoint`: for a 4-bit model, the folder of the 16-bit checkpoint it was quantized from.
+Then W_base of every NF4 weight is read from there (safetensors, one tensor at a time) instead of
+dequantized: the export keeps the original weights plus the trained deltas, and loses nothing to NF4
+rounding. (The adapters were trained against the NF4-rounded base; merging into the original
+weights is the usual choice for 16-bit serving, and the one Unsloth makes.)
 """
 
 from __future__ import annotations
@@ -24,7 +30,42 @@ import torch
 
 from loraforge.models.base_weight import dense_weight, is_linear4bit
 
-__all__ = ["MergedTensor", "has_lora", "merged_tensors", "transformer_of"]
+__all__ = ["CheckpointWeights", "MergedTensor", "has_lora", "merged_tensors", "transformer_of"]
+
+
+class CheckpointWeights:
+    """Tensors of a local safetensors checkpoint by state-dict name, read one at a time."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"base_checkpoint must be a local folder holding *.safetensors, got {str(folder)!r} "
+                             "(download a hub model first, e.g. huggingface_hub.snapshot_download)")  # fmt: skip
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"base_checkpoint {str(folder)!r} holds no *.safetensors files")
+        from safetensors import safe_open
+
+        self.file_of: dict[str, object] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                    self.file_of[name] = file
+
+    def load(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.file_of.get(name)
+        if file is None:
+            raise KeyError(f"{name} is not in base_checkpoint {str(self.folder)!r}: is it the checkpoint this model "
+                           "was loaded from?")  # fmt: skip
+        with safe_open(str(file), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name} in base_checkpoint has shape {list(tensor.shape)}, the model's is {list(shape)}")
+        return tensor.to(device=device, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -110,7 +151,14 @@ def _embedding_delta(layer, adapter: str) -> torch.Tensor:
     return (b @ a).t().mul_(float(layer.scaling[adapter]))
 
 
-def _lora_tensors(layer, prefix: str, module_name: str):
+def _nf4_base(base, name: str, source: CheckpointWeights | None) -> torch.Tensor:
+    """W of an NF4 layer in fp32: from the 16-bit checkpoint when given, else dequantized."""
+    if source is not None:
+        return source.load(name, _weight_shape(base), base.weight.device)
+    return dense_weight(base, torch.float32)  # dequantized into a fresh tensor
+
+
+def _lora_tensors(layer, prefix: str, module_name: str, source: CheckpointWeights | None = None):
     base = layer.get_base_layer()
     adapters = _active_adapters(layer)
     linear_adapters = [a for a in adapters if a in layer.lora_A]
@@ -122,7 +170,7 @@ def _lora_tensors(layer, prefix: str, module_name: str):
 
     def load_weight() -> torch.Tensor:
         if is_linear4bit(base):
-            weight = dense_weight(base, torch.float32)  # dequantized into a fresh tensor
+            weight = _nf4_base(base, prefix + "weight", source)
         else:
             weight = base.weight.detach().float().clone()  # .float() of an fp32 weight is the weight itself
         for adapter in linear_adapters:
@@ -160,9 +208,9 @@ def _stored_dtype(layer) -> torch.dtype:
     return layer.weight.dtype
 
 
-def _linear4bit_tensors(layer, prefix: str, module_name: str):
+def _linear4bit_tensors(layer, prefix: str, module_name: str, source: CheckpointWeights | None = None):
     yield MergedTensor(prefix + "weight", _weight_shape(layer), _stored_dtype(layer), True, module_name,
-                       lambda: dense_weight(layer, torch.float32).contiguous())  # fmt: skip
+                       lambda: _nf4_base(layer, prefix + "weight", source).contiguous())  # fmt: skip
     if layer.bias is not None:
         yield MergedTensor(prefix + "bias", tuple(layer.bias.shape), layer.bias.dtype, False, module_name,
                            lambda: layer.bias.detach().float().contiguous())  # fmt: skip
@@ -183,10 +231,10 @@ def _plain_tensors(module, prefix: str, module_name: str):
                                lambda b=buffer: b.detach().float().contiguous())  # fmt: skip
 
 
-def _walk(module, module_name: str):
+def _walk(module, module_name: str, source: CheckpointWeights | None = None):
     prefix = module_name + "." if module_name else ""
     if _is_lora_layer(module):
-        yield from _lora_tensors(module, prefix, module_name)
+        yield from _lora_tensors(module, prefix, module_name, source)
         return
     if _is_modules_to_save(module):
         # PEFT's fully trained copy of a module (modules_to_save): the active copy is the model.
@@ -194,7 +242,7 @@ def _walk(module, module_name: str):
         adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
         # (nn.ModuleDict has no .get)
         copy = module.modules_to_save[adapter] if adapter in module.modules_to_save else module.original_module  # noqa: SIM401
-        yield from _walk(copy, module_name)
+        yield from _walk(copy, module_name, source)
         return
     if callable(getattr(module, "get_base_layer", None)):
         raise NotImplementedError(
@@ -202,19 +250,21 @@ def _walk(module, module_name: str):
             "merge with PEFT's model.merge_and_unload() first"
         )
     if is_linear4bit(module):
-        yield from _linear4bit_tensors(module, prefix, module_name)
+        yield from _linear4bit_tensors(module, prefix, module_name, source)
         return
     yield from _plain_tensors(module, prefix, module_name)
     for child_name, child in module.named_children():
-        yield from _walk(child, prefix + child_name)
+        yield from _walk(child, prefix + child_name, source)
 
 
-def merged_tensors(model: torch.nn.Module) -> list[MergedTensor]:
-    """Every tensor of the merged model, lazily, in module order, tied tensors once."""
+def merged_tensors(model: torch.nn.Module, base_checkpoint=None) -> list[MergedTensor]:
+    """Every tensor of the merged model, lazily, in module order, tied tensors once. With
+    `base_checkpoint` (a local 16-bit checkpoint folder) NF4 bases are read from it (module docstring)."""
     transformer = transformer_of(model)
+    source = CheckpointWeights(base_checkpoint) if base_checkpoint is not None else None
     seen: dict[int, str] = {}
     result = []
-    for tensor in _walk(transformer, ""):
+    for tensor in _walk(transformer, "", source):
         owner = _owning_tensor(transformer, tensor)
         if owner is not None:
             if id(owner) in seen:  # a tied weight: already listed under its first name

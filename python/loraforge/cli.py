@@ -5,6 +5,7 @@
     loraforge sft --config run.yaml --max-steps 100       # flags win over the YAML file
     loraforge grpo --model Qwen/Qwen2.5-1.5B-Instruct --dataset gsm8k.jsonl --rewards xml_tags:0.5,numeric_answer:2
     loraforge export --adapter outputs/adapter --output served --for ollama
+    loraforge export --adapter outputs/adapter --for ollama --push-to-hub me/my-model-GGUF
     loraforge env                                         # GPU, versions, loraforge's CUDA build, warnings
 
 Mistakes in what was asked (a missing file, an unknown column, template or option) end with a one-line
@@ -367,7 +368,12 @@ def _add_export(commands) -> None:
     source.add_argument("--model", metavar="DIR", help="a full model folder or hub name (no adapter)")
     parser.add_argument("--base", metavar="MODEL", help="base model for --adapter (default: the adapter's "
                         "base_model_name_or_path)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write (required)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", metavar="DIR", help="folder to write (this or --push-to-hub is required)")
+    target.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face Hub model repo (owner/name "
+                        "or name) instead of writing a folder; the token comes from `hf auth login` or HF_TOKEN")  # fmt: skip
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private "
+                        "(default: the Hub's default; an existing repo keeps its visibility)")  # fmt: skip
     parser.add_argument("--format", choices=EXPORT_KINDS, help="merged_16bit (safetensors for vLLM and transformers), "
                         "merged_4bit (bitsandbytes NF4), lora (the adapter alone), gguf (llama.cpp, Ollama)")
     parser.add_argument("--quantization", type=_name_list, metavar="LIST", help="GGUF quantizations, e.g. "
@@ -455,6 +461,10 @@ def _load_for_export(args):
 
 def _export(args: argparse.Namespace) -> int:
     kind, quantizations = _export_plan(args)
+    if args.push_to_hub:
+        return _push_export(args, kind, quantizations)
+    if args.private:
+        args.parser.error("--private applies to --push-to-hub only")
     output = Path(args.output).expanduser()
     if kind != "gguf" and output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise SFTInputError(f"{output} exists and is not empty; pass --overwrite or choose another --output")
@@ -476,6 +486,30 @@ def _export(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     print(_serving_hint(kind, paths, output, args.engine))
+    return 0
+
+
+def _push_export(args: argparse.Namespace, kind: str, quantizations: list[str]) -> int:
+    from loraforge.export.hub import check_repo_id, resolve_token
+
+    try:
+        check_repo_id(args.push_to_hub)
+    except ValueError as error:
+        raise SFTInputError(str(error)) from None
+    token = resolve_token()  # no login fails here, before the model loads
+    prepare_runtime(args.verbose)
+    from loraforge.export import push_to_hub_gguf, push_to_hub_merged
+    from loraforge.train.sft import parse_export_targets
+
+    parse_export_targets([f"gguf:{q}" for q in quantizations])
+    model, tokenizer = _load_for_export(args)
+    private = True if args.private else None
+    if kind == "gguf":
+        commit = push_to_hub_gguf(model, args.push_to_hub, tokenizer, quantizations, token=token, private=private,
+                                  write_modelfile=args.engine != "llama.cpp")  # fmt: skip
+    else:
+        commit = push_to_hub_merged(model, args.push_to_hub, tokenizer, kind, token=token, private=private)
+    print(f"pushed to {commit.repo_url}\ncommit: {commit.commit_url}")
     return 0
 
 

@@ -20,6 +20,8 @@ _LAZY = {
     "train_on_responses_only": "loraforge.data",
     "save_pretrained_merged": "loraforge.export",
     "save_pretrained_gguf": "loraforge.export",
+    "push_to_hub_merged": "loraforge.export",
+    "push_to_hub_gguf": "loraforge.export",
     "PatchFastRL": "loraforge.train.patch_fast_rl",
     "GRPOTrainer": "loraforge.train.grpo",
 }

@@ -1,0 +1,123 @@
+"""The longest sequence that trains at batch 1: a Llama-3.1-8B-shaped model in 4-bit with r=16 LoRA
+on all seven projections, loraforge beside Unsloth (each in its own process, in one run). A length
+"trains" when one forward + backward + AdamW step finishes without running out of GPU memory.
+
+    python benchmarks/bench_long_context.py [--impls loraforge,unsloth] [--start 65536] [--max 524288]
+                                            [--layers 32] [--out DIR]
+
+Search: from --start, double while the step fits, then bisect between the last length that fit and
+the first that did not, down to --resolution tokens. Each probe runs in a fresh process (an OOM
+leaves fragmented memory behind). Reported: the longest length that trained, its peak memory and
+step time. Unsloth's published figure for Llama 3.1 8B on an 80 GB GPU is 342,733 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bench_train_step, harness  # noqa: E402
+
+IMPLS = ("loraforge", "unsloth")
+
+
+def probe(impl: str, folder: str, seq: int) -> dict:
+    """One training step at batch 1 x seq tokens: {"ok": bool, "peak_gib", "step_s"} or the error."""
+    if impl == "unsloth":
+        import unsloth  # noqa: F401  (before transformers)
+    model = bench_train_step.load(impl, folder, seq)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    input_ids = torch.randint(0, 128256, (1, seq), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError as error:
+        return {"ok": False, "why": str(error).splitlines()[0][:200]}
+    return {"ok": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "step_s": time.perf_counter() - start,
+            "loss": float(loss)}  # fmt: skip
+
+
+def run_probe(impl: str, folder: str, seq: int) -> dict:
+    cmd = [sys.executable, __file__, "--probe", impl, "--folder", folder, "--seq", str(seq)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        tail = proc.stderr[-400:]
+        return {"ok": False, "why": "out of memory" if "OutOfMemory" in tail else f"failed: {tail}"}
+
+
+def longest(impl: str, folder: str, start: int, maximum: int, resolution: int) -> tuple[int, dict]:
+    best, best_result, low, high = 0, {}, 0, None
+    seq = start
+    while seq <= maximum:  # doubling
+        result = run_probe(impl, folder, seq)
+        print(impl, seq, result, flush=True)
+        if not result["ok"]:
+            high = seq
+            break
+        best, best_result, low = seq, result, seq
+        seq *= 2
+    if high is None:
+        return best, best_result
+    while high - low > resolution:  # bisection between a length that fit and one that did not
+        seq = (low + high) // 2 // 64 * 64
+        result = run_probe(impl, folder, seq)
+        print(impl, seq, result, flush=True)
+        if result["ok"]:
+            best, best_result, low = seq, result, seq
+        else:
+            high = seq
+    return best, best_result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--start", type=int, default=65536)
+    parser.add_argument("--max", type=int, default=524288)
+    parser.add_argument("--resolution", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--probe", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.folder, args.seq)))
+        return
+    rows = []
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
+        bench_train_step.write_checkpoint(Path(folder), args.layers)
+        found = {impl: longest(impl, folder, args.start, args.max, args.resolution) for impl in args.impls.split(",")}
+    ours = found.get("loraforge", (0, {}))[0]
+    for impl, (seq, result) in found.items():
+        rows.append({"benchmark": f"longest_context_llama8b_{args.layers}l_b1", "case": "qlora r16 all, one AdamW step",
+                     "impl": impl, "median_us": 1e6 * result.get("step_s", float("nan")),
+                     "extra_peak_mib": 1024 * result.get("peak_gib", float("nan")),
+                     "vs_ours": ours / seq if seq else "",
+                     "note": f"{seq} tokens trained (resolution {args.resolution}); GPU {total_gib:.0f} GiB; "
+                             f"us = that step"})  # fmt: skip
+    harness.write_rows("long_context", rows, args.out)
+    harness.print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """The frozen base weight of a projection, as a dense matrix in the compute dtype.
 
 A projection's base layer is either a plain nn.Linear (16-bit LoRA, full fine-tuning) or a
-bitsandbytes Linear4bit (QLoRA). For the fused LoRA functions we need W [out, in] in the compute
+bitsandbytes Linear4bit (QLoRA); `has_dense_weight` tells those apart from layers whose weight is
+not W (bitsandbytes' 8-bit Linear8bitLt), which keep their own forward. For the fused LoRA functions we need W [out, in] in the compute
 dtype for one matmul and then drop it: NF4 weights are dequantized by loraforge's kernel (bit for
 bit what bitsandbytes would give) each time they are used, never stored dense.
 """
@@ -25,6 +26,26 @@ def _quant_state(layer: torch.nn.Module):
 
 def is_linear4bit(layer: torch.nn.Module) -> bool:
     return _quant_state(layer) is not None
+
+
+# Layers whose `weight` is not W: bitsandbytes' LLM.int8() layer keeps int8 codes and row scales
+# (Int8Params.CB / SCB) and its forward is an int8 matmul with outlier handling, so a cast of its
+# weight to float would be silently wrong.
+_NOT_DENSE_CLASSES = ("Linear8bitLt", "Int8Params")
+
+
+def has_dense_weight(layer: torch.nn.Module) -> bool:
+    """Whether `dense_weight` gives this layer's W exactly: an NF4 Linear4bit, or a Linear with a plain
+    floating-point weight. Anything else (8-bit Linear8bitLt, FP4, other quantizers' layers) must run
+    its own forward."""
+    state = _quant_state(layer)
+    if state is not None:
+        return getattr(state, "quant_type", None) == "nf4"
+    weight = getattr(layer, "weight", None)
+    if not isinstance(layer, torch.nn.Linear) or not isinstance(weight, torch.Tensor):
+        return False
+    classes = {c.__name__ for c in (*type(layer).__mro__, *type(weight).__mro__)}
+    return weight.is_floating_point() and not classes & {*_NOT_DENSE_CLASSES, "Linear4bit", "Params4bit"}
 
 
 class _CudaDequantCall:

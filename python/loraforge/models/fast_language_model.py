@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from loraforge.models import loftq as _loftq
 from loraforge.models import patch as _patch
 from loraforge.models.architectures import RULES
 from loraforge.train.offloaded_checkpointing import enable_gradient_checkpointing
@@ -42,6 +43,24 @@ def _rope_is_scaled(config) -> bool:
     return params.get("rope_type", params.get("type", "default")) not in ("default", None)
 
 
+def _8bit_load_arguments(config, prequantized: bool, device_map, device: str, kwargs: dict) -> dict:
+    """from_pretrained arguments for an 8-bit (LLM.int8()) load through transformers and bitsandbytes."""
+    from transformers import BitsAndBytesConfig
+
+    if "quantization_config" in kwargs:
+        raise ValueError("load_in_8bit=True builds its own quantization_config; pass one or the other")
+    placement = {"device_map": device_map if device_map is not None else {"": device}}
+    if not prequantized:
+        return {**placement, "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    quantization = config.quantization_config
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    if not quantization.get("load_in_8bit"):
+        kind = f"{quantization.get('quant_method')}{' 4-bit' if quantization.get('load_in_4bit') else ''}"
+        raise ValueError(f"load_in_8bit=True, but this checkpoint is already quantized ({kind}); load it without "
+                         "load_in_8bit")  # fmt: skip
+    return placement
+
+
 _BANNER_SHOWN = False
 
 
@@ -62,7 +81,7 @@ class FastLanguageModel:
         model_name: str | os.PathLike,
         max_seq_length: int | None = None,
         dtype: torch.dtype | None = None,
-        load_in_4bit: bool = True,
+        load_in_4bit: bool | None = None,
         load_in_8bit: bool = False,
         full_finetuning: bool = False,
         token: str | None = None,
@@ -75,17 +94,27 @@ class FastLanguageModel:
         """Load (model, tokenizer). 4-bit loads quantize Linear layers to NF4 with loraforge's kernel
         (bitsandbytes format); a checkpoint that is already bitsandbytes-4-bit loads as it is.
 
+        load_in_4bit: None (the default) means 4-bit unless load_in_8bit or full_finetuning is set.
+        load_in_8bit: bitsandbytes LLM.int8() through transformers (BitsAndBytesConfig(load_in_8bit=True),
+        Linear8bitLt layers); LoRA on those runs PEFT's own forward (loraforge's fused LoRA kernels take
+        NF4 or 16-bit bases), with loraforge's norms and fused cross-entropy around it.
+
         max_seq_length defaults to 2048, or the model's own context when that is shorter; asking
         for more than the model's context needs rope_scaling."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         _print_banner_once()
 
-        if load_in_8bit:
-            raise NotImplementedError("load_in_8bit is not supported yet; use load_in_4bit=True or 16-bit")
-        if full_finetuning and load_in_4bit:
-            warnings.warn("full_finetuning=True trains every weight: loading in 16-bit instead of 4-bit", stacklevel=2)
-            load_in_4bit = False
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit=True and load_in_8bit=True: pick one (load_in_4bit defaults to on unless "
+                             "load_in_8bit is set; for 8-bit pass load_in_8bit=True alone or with load_in_4bit=False)")  # fmt: skip
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            bits = 4 if load_in_4bit else 8
+            warnings.warn(f"full_finetuning=True trains every weight: loading in 16-bit instead of {bits}-bit",
+                          stacklevel=2)  # fmt: skip
+            load_in_4bit = load_in_8bit = False
+        if load_in_4bit is None:
+            load_in_4bit = not (load_in_8bit or full_finetuning)
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         compute_dtype = _pick_dtype(dtype)
@@ -100,17 +129,21 @@ class FastLanguageModel:
             max_seq_length = min(2048, trained) if trained else 2048
         if trained is not None and max_seq_length > trained and not _rope_is_scaled(config):
             raise ValueError(f"max_seq_length={max_seq_length} is beyond the {trained} positions this model was "
-                             "trained for; pass rope_scaling={'rope_type': 'linear', 'factor': ...} (or dynamic/yarn)")
+                             "trained for; pass rope_scaling={'rope_type': 'linear', 'factor': ...} (or dynamic/yarn)")  # fmt: skip
         if config.model_type not in RULES:
             warnings.warn(f"model_type={config.model_type!r} has no loraforge fast path; it trains through plain PEFT",
                           stacklevel=2)  # fmt: skip
         prequantized = getattr(config, "quantization_config", None) is not None
         device = "cuda" if torch.cuda.is_available() and device_map is not None else "cpu"
+        placement = {"device_map": device_map} if prequantized and device_map is not None else {}
+        if load_in_8bit:
+            placement = _8bit_load_arguments(config, prequantized, device_map, device, kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             model_name, config=config, dtype=compute_dtype, token=token, trust_remote_code=trust_remote_code,
-            **({"device_map": device_map} if prequantized and device_map is not None else {}), **kwargs,
+            **placement, **kwargs,
         )  # fmt: skip
-        if not prequantized:
+        _loftq.record_checkpoint(model, model_name, kwargs.get("revision"), token, prequantized)
+        if not prequantized and not load_in_8bit:  # 8-bit: quantized and placed by transformers
             if load_in_4bit:
                 from loraforge.models.quantize_model import quantize_linears
 
@@ -146,7 +179,12 @@ class FastLanguageModel:
         init_lora_weights=True,
         **kwargs,
     ):
-        """Attach LoRA adapters (a PEFT LoraModel underneath) and install the fused forwards."""
+        """Attach LoRA adapters (a PEFT LoraModel underneath) and install the fused forwards.
+
+        LoftQ: init_lora_weights="loftq" and/or loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=T)
+        (or the same as a dict) start the adapters at the rank-r SVD of the NF4 quantization error of a
+        load_in_4bit=True model, with the 16-bit weights read from the checkpoint it was loaded from;
+        see models/loftq.py for what is supported."""
         from peft import LoraConfig, get_peft_model
 
         if not isinstance(r, int) or r <= 0:
@@ -159,8 +197,11 @@ class FastLanguageModel:
         if unknown:
             raise ValueError(f"target_modules {unknown} are not modules of this model; it has e.g. "
                              f"{sorted(n for n in names if n.endswith('_proj'))}")  # fmt: skip
-        if loftq_config:
-            raise NotImplementedError("loftq_config is not supported yet")
+        loftq = _loftq.resolve_config(init_lora_weights, loftq_config)
+        if loftq is not None:
+            _loftq.check_model(model)
+            # PEFT's own "loftq" init would quantize the weights itself; ours is set below (see loftq.py).
+            init_lora_weights = True
         if lora_dropout > 0 or bias != "none":
             warnings.warn("lora_dropout > 0 or a LoRA bias: those projections take PEFT's unfused path", stacklevel=2)
         torch.manual_seed(random_state)
@@ -168,6 +209,8 @@ class FastLanguageModel:
                             bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save,
                             init_lora_weights=init_lora_weights, task_type="CAUSAL_LM", **kwargs)  # fmt: skip
         peft_model = get_peft_model(model, config)
+        if loftq is not None:
+            _loftq.loftq_initialize(peft_model, loftq_iter=loftq["loftq_iter"])
         enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         _patch.patch_model(peft_model)
         from loraforge.export import attach_export_methods

@@ -3,8 +3,9 @@
 Patching sets a `forward` attribute on module *instances*; the classes are never touched, no
 library source is rewritten, and `unpatch` deletes the attributes to restore the originals. A
 module whose LoRA setup the fused path does not cover (dropout > 0, a bias on the adapter, DoRA,
-several active adapters, merged weights, a trainable base weight) keeps its PEFT forward for that
-call: correctness first. Self-attention gets attention.py's forward (fused Q/K/V, our RoPE).
+several active adapters, merged weights, a trainable base weight, a base that is neither NF4 nor
+16-bit such as bitsandbytes' 8-bit Linear8bitLt) keeps its PEFT forward for that call: correctness
+first. Self-attention gets attention.py's forward (fused Q/K/V, our RoPE).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from loraforge.models import attention as _attention
 from loraforge.models.architectures import RULES, AttentionRules, activation_of
+from loraforge.models.base_weight import has_dense_weight
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
 
 _PATCHED = "_loraforge_patched"
@@ -35,12 +37,12 @@ def _trainable_base(base: torch.nn.Module) -> bool:
 def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
     """The fused-path view of a projection, or None when it must take PEFT's own forward."""
     if not hasattr(module, "lora_A"):  # a plain (possibly 4-bit) Linear: base only
-        usable = hasattr(module, "weight") and not _trainable_base(module)
+        usable = has_dense_weight(module) and not _trainable_base(module)
         return LoRAProjection(module, None, None, 0.0) if usable else None
     if getattr(module, "merged", False):
         return None
     base = module.get_base_layer()
-    if _trainable_base(base):
+    if _trainable_base(base) or not has_dense_weight(base):  # e.g. an 8-bit Linear8bitLt base
         return None
     if getattr(module, "disable_adapters", False):
         return LoRAProjection(base, None, None, 0.0)

@@ -226,3 +226,14 @@ def test_4bit_model_merges_into_the_original_16bit_weights(bases, tmp_path):
     with pytest.raises(ValueError, match="has shape"):
         save_pretrained_merged(model, tmp_path / "bad2", tokenizer, "merged_16bit", base_checkpoint=other)
     assert not (tmp_path / "bad2" / "model.safetensors").exists()
+
+
+def test_loftq_adapters_refuse_the_16bit_base(bases, tmp_path):
+    """LoftQ adapters compensate the NF4 rounding: merging them into the original weights would count
+    that correction twice, so base_checkpoint is refused; the default (NF4 base) merge works."""
+    model, tokenizer = FastLanguageModel.from_pretrained(bases["llama"], load_in_4bit=True, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    with pytest.raises(ValueError, match="LoftQ-initialised"):
+        save_pretrained_merged(model, tmp_path / "no", tokenizer, "merged_16bit", base_checkpoint=bases["llama"])
+    save_pretrained_merged(model, tmp_path / "yes", tokenizer, "merged_16bit")
+    assert (tmp_path / "yes" / "model.safetensors").exists()

@@ -261,6 +261,10 @@ def merged_tensors(model: torch.nn.Module, base_checkpoint=None) -> list[MergedT
     """Every tensor of the merged model, lazily, in module order, tied tensors once. With
     `base_checkpoint` (a local 16-bit checkpoint folder) NF4 bases are read from it (module docstring)."""
     transformer = transformer_of(model)
+    if base_checkpoint is not None and getattr(transformer, "_loraforge_loftq", None):
+        # LoftQ adapters carry (roughly) W - deq(Q): added to W itself they would correct twice.
+        raise ValueError("this model's adapters were LoftQ-initialised against its NF4 base, so they must be merged "
+                         "into that base: drop base_checkpoint (the default merge does exactly that)")  # fmt: skip
     source = CheckpointWeights(base_checkpoint) if base_checkpoint is not None else None
     seen: dict[int, str] = {}
     result = []

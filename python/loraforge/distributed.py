@@ -298,6 +298,15 @@ def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
+def finish_distributed() -> None:
+    """At the end of a launched run: wait for every rank, then tear the process group down. Neither
+    the Trainer nor accelerate does; with gloo a rank that exits with the group alive can abort
+    (SIGABRT) after all its work is done, and the launcher then kills the others. No-op without a group."""
+    if _is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def save_on_main(fn):
     """Wrap `fn` (a save or export) so that, called on every rank, it runs on rank 0 only.
 

@@ -1,7 +1,8 @@
-"""Multi-process tests: two CPU ranks over gloo, launched with torchrun, each running _worker.py.
+"""Multi-process tests: two CPU ranks over gloo, launched with torchrun (or accelerate launch), each
+running _worker.py (our DDP/FSDP2 helpers) or _trainer_worker.py (transformers' Trainer doing DDP).
 
-`launch_workers` runs one scenario of the worker to completion or kills it: a hung collective
-must fail the test within its time limit, not block CI.
+`run_launcher` runs a launch to completion or kills it: a hung collective must fail the test
+within its time limit, not block CI. `launch_workers` is that for one scenario of _worker.py.
 """
 
 from __future__ import annotations
@@ -36,11 +37,24 @@ def launch_workers(scenario: str, out: Path, nproc: int = 2, timeout_s: float = 
         "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKER),
         "--scenario", scenario, "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return run_launcher(command, scenario, timeout_s)[1]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment for a multi-process launch on this machine's CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
     if sys.platform == "linux":
         # gloo otherwise binds to the address the host name resolves to, which containers and
         # sandboxes often lack; both ranks are on this machine anyway.
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+def run_launcher(command: list[str], what: str, timeout_s: float, env: dict | None = None,
+                 check: bool = True) -> tuple[int, str]:  # fmt: skip
+    """Run a launcher command (torchrun, accelerate launch) to completion or kill it; returns
+    (exit status, combined output). check: raise AssertionError on a non-zero exit status."""
+    env = launcher_env() if env is None else env
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
@@ -52,7 +66,7 @@ def launch_workers(scenario: str, out: Path, nproc: int = 2, timeout_s: float = 
         except subprocess.TimeoutExpired:
             proc.kill()
             output, _ = proc.communicate()
-        raise AssertionError(f"{scenario} workers did not finish within {timeout_s:.0f} s:\n{output[-6000:]}")
-    if proc.returncode != 0:
-        raise AssertionError(f"{scenario} workers failed (exit {proc.returncode}):\n{output[-6000:]}")
-    return output
+        raise AssertionError(f"{what} workers did not finish within {timeout_s:.0f} s:\n{output[-6000:]}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{what} workers failed (exit {proc.returncode}):\n{output[-6000:]}")
+    return proc.returncode, output

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge import distributed as lfd
 from loraforge.train.sft import DEFAULT_TARGETS, SFTInputError
 
 __all__ = ["REWARDS", "GRPOResult", "GRPOSettings", "build_grpo_trainer", "load_prompts", "parse_rewards",
@@ -291,6 +292,7 @@ def build_grpo_trainer(model, tokenizer, train_dataset, settings: GRPOSettings, 
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported() and settings.dtype in ("auto", "bfloat16", "bf16")
     args = trl.GRPOConfig(
+        ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient each step
         output_dir=str(Path(settings.output_dir) / "checkpoints"),
         max_steps=settings.max_steps if settings.max_steps else -1,
         num_train_epochs=settings.num_train_epochs,
@@ -352,7 +354,9 @@ def run_grpo(settings: GRPOSettings, callbacks=(), say=None) -> GRPOResult:
     trainer.train()
     seconds = time.perf_counter() - start
     tokens = logged(trainer, "num_tokens")
-    adapter_dir = sft.save_adapter(model, tokenizer, settings.output_dir, settings.overwrite)
-    exports = sft.export_model(model, tokenizer, settings.output_dir, targets, overwrite=settings.overwrite)
+    adapter_dir = lfd.save_on_main(sft.save_adapter)(model, tokenizer, settings.output_dir, settings.overwrite)
+    exports = lfd.save_on_main(sft.export_model)(model, tokenizer, settings.output_dir, targets,
+                                                 overwrite=settings.overwrite)  # fmt: skip
+    lfd.finish_distributed()
     return GRPOResult(model, tokenizer, trainer, logged(trainer, "reward"), seconds,
                       int(tokens[-1][1]) if tokens else 0, adapter_dir, exports, dropped)  # fmt: skip

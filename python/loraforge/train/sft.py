@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from loraforge import distributed as lfd
+
 __all__ = [
     "DEFAULT_TARGETS", "EXPORT_KINDS", "SFTInputError", "SFTResult", "SFTSettings", "build_trainer",
     "encode_chat", "export_model", "load_model", "load_table", "parse_export_targets", "run_sft",
@@ -324,6 +326,8 @@ def build_trainer(model, tokenizer, train_dataset, settings: SFTSettings, callba
     bf16 = on_gpu and torch.cuda.is_bf16_supported() and settings.dtype in ("auto", "bfloat16", "bf16")
     args = trl.SFTConfig(
         output_dir=str(Path(settings.output_dir) / "checkpoints"),
+        # Every LoRA parameter gets a gradient each step: no per-step search for unused ones under DDP.
+        ddp_find_unused_parameters=False,
         max_steps=settings.max_steps if settings.max_steps else -1,
         num_train_epochs=settings.num_train_epochs,
         per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -473,8 +477,12 @@ def run_sft(settings: SFTSettings, callbacks=()) -> SFTResult:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    adapter_dir = save_adapter(model, tokenizer, settings.output_dir, settings.overwrite)
-    exports = export_model(model, tokenizer, settings.output_dir, targets, overwrite=settings.overwrite)
+    # Under torchrun / accelerate launch, rank 0 writes and the others wait (each rank writing the same
+    # folders races: FileExistsError, or one rank replacing the other's files).
+    adapter_dir = lfd.save_on_main(save_adapter)(model, tokenizer, settings.output_dir, settings.overwrite)
+    exports = lfd.save_on_main(export_model)(model, tokenizer, settings.output_dir, targets,
+                                             overwrite=settings.overwrite)  # fmt: skip
+    lfd.finish_distributed()
     return SFTResult(model, tokenizer, trainer, logged_losses(trainer), seconds, trainer.tokens_seen, adapter_dir,
                      exports)  # fmt: skip
 

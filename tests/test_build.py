@@ -21,7 +21,9 @@ def test_core_links_no_torch_library():
     if sys.platform != "linux":
         pytest.skip("ldd is Linux-only")
     linked = subprocess.run(["ldd", _core.__file__], capture_output=True, text=True).stdout
-    assert "torch" not in linked and "c10" not in linked
+    # Library names only: the load addresses ldd prints are random hex, which can contain "c10".
+    names = [line.split()[0] for line in linked.splitlines() if line.strip()]
+    assert names and not any("torch" in name or name.startswith("libc10") for name in names), names
     assert "libcudart.so" not in linked  # the CUDA runtime is linked statically
 
 

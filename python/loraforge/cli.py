@@ -324,21 +324,27 @@ def sft_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
     return merged_settings(args, parser, SFTSettings)
 
 
+def write_run_settings(settings, filename: str) -> Path:
+    """The run's settings as YAML in its output folder. Written before anything loads, so a run that
+    fails or is stopped still says how it was started."""
+    import yaml
+
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    config_file = Path(settings.output_dir, filename)
+    config_file.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    return config_file
+
+
 def _sft(args: argparse.Namespace) -> int:
     settings = sft_settings(args, args.parser)
     prepare_runtime(args.verbose)
-    import yaml
-
     from loraforge.train import sft
 
     sft.validate(settings)  # a typo should fail before anything loads
     sft.refuse_existing_outputs(settings)
     print(f"loraforge sft: {settings.model} on {settings.dataset} -> {settings.output_dir}")
     # The environment banner (GPU, versions) comes from FastLanguageModel.from_pretrained, once.
-    # Written first, so a run that fails or is stopped still says how it was started.
-    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    config_file = Path(settings.output_dir, "sft_config.yaml")
-    config_file.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    config_file = write_run_settings(settings, "sft_config.yaml")
     result = sft.run_sft(settings, callbacks=[sft.progress_callback()])
     print(f"\ntrained {result.trainer.state.global_step} steps in {result.seconds:.1f} s, "
           f"{result.tokens_per_second:,.0f} tokens/s; final loss {sft.final_loss(result.losses):.4f}")

@@ -11,7 +11,6 @@ train/grpo_run.py's `run_grpo`, with loraforge's GRPOTrainer (train/grpo.py).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from loraforge.cli import (
     _fraction,
@@ -24,6 +23,7 @@ from loraforge.cli import (
     add_output_options,
     merged_settings,
     prepare_runtime,
+    write_run_settings,
 )
 from loraforge.train.grpo_run import LOSS_TYPES, REWARD_ALIASES, REWARDS, GRPOSettings
 
@@ -165,17 +165,13 @@ def grpo_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _grpo(args: argparse.Namespace) -> int:
     settings = grpo_settings(args, args.parser)
     prepare_runtime(args.verbose)
-    import yaml
-
     from loraforge.train import grpo_run, sft
 
     grpo_run.validate(settings)  # a typo should fail before anything loads
     sft.refuse_existing_outputs(settings)
     print(f"loraforge grpo: {settings.model} on {settings.dataset} -> {settings.output_dir}")
     # The environment banner (GPU, versions) comes from FastLanguageModel.from_pretrained, once.
-    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    config_file = Path(settings.output_dir, "grpo_config.yaml")
-    config_file.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    config_file = write_run_settings(settings, "grpo_config.yaml")
     result = grpo_run.run_grpo(settings, callbacks=[sft.progress_callback(extra=("reward",))], say=print)
     print(summary(result, config_file))
     return 0

@@ -142,7 +142,7 @@ def dequantize(packed, quant_state=None, out_dtype: torch.dtype | None = None) -
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dtype}")
     if not packed.is_contiguous():
         raise ValueError("packed must be contiguous")
-    packed_bytes = packed.view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    packed_bytes = packed_as_bytes(packed)
     shape = tuple(quant_state.shape)
     _same_device(packed, quant_state.absmax, "quant_state.absmax")
     if quant_state.nested:
@@ -155,6 +155,11 @@ def dequantize(packed, quant_state=None, out_dtype: torch.dtype | None = None) -
             quant_state.offset.float().reshape(1), quant_state.blocksize, state2.blocksize, shape, dtype,
         )  # fmt: skip
     return torch.ops.loraforge.nf4_dequantize(packed_bytes, quant_state.absmax.float(), quant_state.blocksize, shape, dtype)
+
+
+def packed_as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed NF4 codes as a flat uint8 view, whatever quant_storage dtype holds them."""
+    return packed.view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
 
 
 def _same_device(packed: torch.Tensor, t, name: str) -> None:

@@ -61,7 +61,7 @@ class _CudaDequantCall:
         from loraforge.ops import nf4 as nf4_ops
 
         state2 = state.state2
-        packed_bytes = packed.view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
+        packed_bytes = nf4.packed_as_bytes(packed)
         args = (packed_bytes, state.absmax, state2.code, state2.absmax, state.offset.reshape(1))
         shape = tuple(state.shape)
         self.n = nf4_ops._check_nested_args(*args, state.blocksize, state2.blocksize, shape, torch.bfloat16)

@@ -39,7 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from loraforge.models import stacked_lora
 from loraforge.models.base_weight import base_bias, dense_weight
-from loraforge.ops import swiglu as _swiglu_ops  # noqa: F401  (registers loraforge::gated_activation*)
+from loraforge.ops import swiglu as swiglu_ops
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -209,7 +209,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
             else:
                 gu, g, u = None, _forward(gate, flat), _forward(up, flat)
-            h = torch.ops.loraforge.gated_activation(g, u, activation, False)
+            h = swiglu_ops.gated_activation(g, u, activation, False)  # grad is off here: the kernel alone
             out = _forward(down, h)
             ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
             ctx.save_for_backward(xc, gu if ctx.stacked else g, None if ctx.stacked else u)

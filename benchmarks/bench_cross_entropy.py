@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--chunk-rows", default="", help="comma-separated chunk sizes to try beside the default")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="also profile one fused step (kernels, stream gaps)")
     return parser.parse_args()
 
 
@@ -101,6 +102,22 @@ def fwd_bwd(loss_fn, x, w, t):
     return step
 
 
+def profile_fused(x, w, t) -> None:
+    """Where one loraforge fused step's wall time goes: kernel time by kernel, and stream idle gaps."""
+    import json
+
+    from benchmarks.profile_train_step import profile_step
+    from loraforge.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    step = fwd_bwd(lambda x, w, t: fused_linear_cross_entropy(x, w, t), x, w, t)
+    for _ in range(2):
+        step()
+    x.grad = w.grad = None
+    report = profile_step(step)
+    x.grad = w.grad = None
+    print("profile of one loraforge fused step:", json.dumps(report, indent=1, default=str))
+
+
 def linear_rows(args, tflops, case) -> list[dict]:
     n, h, v = args.tokens, args.hidden, args.vocab
     gen = torch.Generator(device="cuda").manual_seed(1234)
@@ -130,6 +147,8 @@ def linear_rows(args, tflops, case) -> list[dict]:
             print(f"{impl} failed: {error}")
         x.grad = w.grad = None
         torch.cuda.empty_cache()
+    if args.profile:
+        profile_fused(x, w, t)
     ours = results.get("loraforge fused", (float("nan"),))[0]
     rows = []
     for impl, (median_us, peak_mib, loss) in results.items():

@@ -9,6 +9,18 @@ Search: from --start, double while the step fits, then bisect between the last l
 the first that did not, down to --resolution tokens. Each probe runs in a fresh process (an OOM
 leaves fragmented memory behind). Reported: the longest length that trained, its peak memory and
 step time. Unsloth's published figure for Llama 3.1 8B on an 80 GB GPU is 342,733 tokens.
+
+The card: --memory-gib (default 79.19 GiB, what torch reports for an 80 GB H100) caps the caching
+allocator with set_per_process_memory_fraction, so a bigger card (an H200's 139 GiB) answers for an
+80 GB one. Both stacks run under the same cap.
+
+Fewer layers, same memory: at 300k tokens one step of 32 layers takes minutes (attention is quadratic),
+and the longest length is set by one layer's recompute working set plus what every layer keeps on the
+GPU (its 4-bit weights, LoRA weights and LoRA gradients; layer inputs go to host memory with offloaded
+checkpointing in both stacks). `--layers 4 --stand-in-layers 32` builds 4 layers and, in each probe,
+allocates a filler as large as the other 28 layers' share, measured on the loaded model: (allocated after
+loading - embeddings - lm_head) / layers, plus the trainable bytes per layer once more for their
+gradients. The note of each row says which of the two ran.
 """
 
 from __future__ import annotations
@@ -30,11 +42,32 @@ from benchmarks import bench_train_step, harness  # noqa: E402
 IMPLS = ("loraforge", "unsloth")
 
 
-def probe(impl: str, folder: str, seq: int) -> dict:
+H100_80GB_GIB = 79.19  # torch.cuda.get_device_properties(0).total_memory of an H100 80GB HBM3, in GiB
+
+
+def stand_in_bytes(model: torch.nn.Module, layers: int, stand_in_layers: int) -> int:
+    """GPU bytes that (stand_in_layers - layers) more decoder layers would hold through a step: their
+    share of what is allocated after loading (4-bit weights with their statistics, LoRA weights), and
+    their LoRA gradients."""
+    if stand_in_layers <= layers:
+        return 0
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    outside = sum(m.weight.numel() * m.weight.element_size()
+                  for m in (causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()))  # fmt: skip
+    per_layer = (torch.cuda.memory_allocated() - outside) / layers
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / layers
+    return int((stand_in_layers - layers) * (per_layer + trainable))
+
+
+def probe(impl: str, folder: str, seq: int, memory_gib: float, layers: int, stand_in_layers: int) -> dict:
     """One training step at batch 1 x seq tokens: {"ok": bool, "peak_gib", "step_s"} or the error."""
     if impl == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
+    total = torch.cuda.get_device_properties(0).total_memory
+    if memory_gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * 2**30 / total))
     model = bench_train_step.load(impl, folder, seq)
+    filler = torch.empty(stand_in_bytes(model, layers, stand_in_layers), dtype=torch.uint8, device="cuda")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -50,11 +83,11 @@ def probe(impl: str, folder: str, seq: int) -> dict:
     except torch.OutOfMemoryError as error:
         return {"ok": False, "why": str(error).splitlines()[0][:200]}
     return {"ok": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "step_s": time.perf_counter() - start,
-            "loss": float(loss)}  # fmt: skip
+            "loss": float(loss), "stand_in_gib": filler.numel() / 2**30}  # fmt: skip
 
 
-def run_probe(impl: str, folder: str, seq: int) -> dict:
-    cmd = [sys.executable, __file__, "--probe", impl, "--folder", folder, "--seq", str(seq)]
+def run_probe(impl: str, folder: str, seq: int, options: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--probe", impl, "--folder", folder, "--seq", str(seq), *options]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,11 +96,11 @@ def run_probe(impl: str, folder: str, seq: int) -> dict:
         return {"ok": False, "why": "out of memory" if "OutOfMemory" in tail else f"failed: {tail}"}
 
 
-def longest(impl: str, folder: str, start: int, maximum: int, resolution: int) -> tuple[int, dict]:
+def longest(impl: str, folder: str, start: int, maximum: int, resolution: int, options: list[str]) -> tuple[int, dict]:
     best, best_result, low, high = 0, {}, 0, None
     seq = start
     while seq <= maximum:  # doubling
-        result = run_probe(impl, folder, seq)
+        result = run_probe(impl, folder, seq, options)
         print(impl, seq, result, flush=True)
         if not result["ok"]:
             high = seq
@@ -78,7 +111,7 @@ def longest(impl: str, folder: str, start: int, maximum: int, resolution: int) -
         return best, best_result
     while high - low > resolution:  # bisection between a length that fit and one that did not
         seq = (low + high) // 2 // 64 * 64
-        result = run_probe(impl, folder, seq)
+        result = run_probe(impl, folder, seq, options)
         print(impl, seq, result, flush=True)
         if result["ok"]:
             best, best_result, low = seq, result, seq
@@ -95,25 +128,35 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=524288)
     parser.add_argument("--resolution", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory-gib", type=float, default=H100_80GB_GIB, help="cap on the GPU memory the "
+                        "allocator may use (0: the whole card)")  # fmt: skip
+    parser.add_argument("--stand-in-layers", type=int, default=0, help="hold the memory of this many layers "
+                        "while building only --layers of them (see the docstring)")  # fmt: skip
     parser.add_argument("--probe", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(probe(args.probe, args.folder, args.seq)))
+        print(json.dumps(probe(args.probe, args.folder, args.seq, args.memory_gib, args.layers, args.stand_in_layers)))
         return
+    options = ["--memory-gib", str(args.memory_gib), "--layers", str(args.layers),
+               "--stand-in-layers", str(args.stand_in_layers)]  # fmt: skip
     rows = []
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
         bench_train_step.write_checkpoint(Path(folder), args.layers)
-        found = {impl: longest(impl, folder, args.start, args.max, args.resolution) for impl in args.impls.split(",")}
+        found = {impl: longest(impl, folder, args.start, args.max, args.resolution, options)
+                 for impl in args.impls.split(",")}  # fmt: skip
+    card = f"allocator capped at {args.memory_gib:.2f} GiB of {total_gib:.0f}" if args.memory_gib else f"{total_gib:.0f} GiB"
+    built = (f"{args.layers} layers built, memory of {args.stand_in_layers} held" if args.stand_in_layers > args.layers
+             else f"{args.layers} layers")  # fmt: skip
     ours = found.get("loraforge", (0, {}))[0]
     for impl, (seq, result) in found.items():
         rows.append({"benchmark": f"longest_context_llama8b_{args.layers}l_b1", "case": "qlora r16 all, one AdamW step",
                      "impl": impl, "median_us": 1e6 * result.get("step_s", float("nan")),
                      "extra_peak_mib": 1024 * result.get("peak_gib", float("nan")),
                      "vs_ours": ours / seq if seq else "",
-                     "note": f"{seq} tokens trained (resolution {args.resolution}); GPU {total_gib:.0f} GiB; "
+                     "note": f"{seq} tokens trained (resolution {args.resolution}); {card}; {built}; "
                              f"us = that step"})  # fmt: skip
     harness.write_rows("long_context", rows, args.out)
     harness.print_table(rows)

@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="also profile one step per variant "
                         "(kernel groups, idle gaps: benchmarks/profile_train_step.py) into DIR/train_step_profile.json")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="keep the random checkpoint in this folder "
+                        "(reused when it holds one already), e.g. for memory_at_peak.py --folder")  # fmt: skip
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,8 +152,10 @@ def main() -> None:
     rate = matmul_tflops()
     limit = rate * 1e12 / (6 * 8.0e9 * args.layers / 32)
     rows = []
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
-        write_checkpoint(Path(folder), args.layers)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
+        folder = str(args.checkpoint or scratch)
+        if not (Path(folder) / "config.json").exists():
+            write_checkpoint(Path(folder), args.layers)
         results = {}
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),

@@ -95,7 +95,9 @@ def main() -> None:
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        # Python frames only: with the default C++ stacks too, torch 2.11 raised a SystemError inside the
+        # checkpoint recompute on the H200 (2026-12-03); the call sites we group by are Python ones.
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         step()
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()

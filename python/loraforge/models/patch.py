@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,8 +35,52 @@ def _trainable_base(base: torch.nn.Module) -> bool:
     return any(getattr(t, "requires_grad", False) for t in (getattr(base, "weight", None), getattr(base, "bias", None)))
 
 
+def _state_key(module: torch.nn.Module) -> tuple | None:
+    """Everything `_lora_projection`'s answer depends on, read straight from instance dicts (no
+    nn.Module.__getattr__): which adapters are active, merged or disabled, each active adapter's
+    weights, scaling and dropout, and the base layer's weights and whether they train. None for a
+    module that is not a plain PEFT LoRA layer (those are examined on every call)."""
+    state = module.__dict__
+    children = state.get("_modules")
+    base = children.get("base_layer") if children else None
+    if base is None or "lora_A" not in children or "_active_adapter" not in state:
+        return None
+    active = state["_active_adapter"]
+    active = tuple(active) if isinstance(active, (list, tuple)) else (active,)
+    weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
+    key = [id(base), id(weight), getattr(weight, "requires_grad", None), id(bias), getattr(bias, "requires_grad", None),
+           state.get("_disable_adapters"), len(state.get("merged_adapters") or ()), active]  # fmt: skip
+    for name in active:
+        parts = [children[kind]._modules.get(name) for kind in ("lora_A", "lora_B", "lora_dropout")]
+        key += [id(part) for part in parts]
+        key += [id(getattr(part, "_parameters", {}).get("weight")) for part in parts[:2]]
+        key += [getattr(parts[2], "p", None), state.get("scaling", {}).get(name), state.get("use_dora", {}).get(name)]
+    return tuple(key)
+
+
+_PROJECTIONS: dict[int, tuple] = {}  # id(module) -> (module ref, state key, projection)
+
+
 def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
-    """The fused-path view of a projection, or None when it must take PEFT's own forward."""
+    """The fused-path view of a projection, or None when it must take PEFT's own forward.
+
+    Called for every projection in every forward and recompute (~450 times a step of an 8B model whose
+    step is bound by the host), so the answer is kept per module and reused while `_state_key`, a
+    cheaper read of what it depends on, is unchanged (PEFT's disable_adapter / set_adapter / merge,
+    a new adapter weight, a base that starts training all change the key)."""
+    key = _state_key(module)
+    if key is None:
+        return _lora_projection(module)
+    cached = _PROJECTIONS.get(id(module))
+    if cached is not None and cached[0]() is module and cached[1] == key:
+        return cached[2]
+    projection = _lora_projection(module)
+    _PROJECTIONS[id(module)] = (weakref.ref(module, lambda _, i=id(module): _PROJECTIONS.pop(i, None)), key,
+                                projection)  # fmt: skip
+    return projection
+
+
+def _lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
     if not hasattr(module, "lora_A"):  # a plain (possibly 4-bit) Linear: base only
         usable = has_dense_weight(module) and not _trainable_base(module)
         return LoRAProjection(module, None, None, 0.0) if usable else None

@@ -3,9 +3,12 @@
 runs in its own process, all in one run:
 
     trl              transformers + bitsandbytes 4-bit + PEFT (peft_config), trl.GRPOTrainer
-    loraforge        FastLanguageModel 4-bit + get_peft_model, loraforge.train.grpo.GRPOTrainer
-    loraforge_model  FastLanguageModel 4-bit + get_peft_model, trl.GRPOTrainer (TRL's own scoring:
-                     splits the effect of our model from that of our chunked log-probs)
+    loraforge        FastLanguageModel 4-bit + get_peft_model, loraforge.train.grpo.GRPOTrainer (rollouts
+                     through loraforge.fast_generate: static KV cache, decode step replayed as a CUDA graph)
+    loraforge_model  FastLanguageModel 4-bit + get_peft_model, trl.GRPOTrainer (TRL's own scoring and
+                     model.generate: splits the effect of our model from that of our trainer)
+    loraforge_hfgen  (not run by default) loraforge's GRPOTrainer with fast_generation=False: our scoring,
+                     TRL's model.generate rollouts
 
 Reported per variant, for the last of the timed steps: the whole step (rollout + scoring + loss +
 backward, seconds), the rollout alone (generation, then scoring the old policy / reference when
@@ -33,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-IMPLS = ("trl", "loraforge", "loraforge_model")
+IMPLS = ("trl", "loraforge", "loraforge_model", "loraforge_hfgen")
+DEFAULT_IMPLS = ("trl", "loraforge", "loraforge_model")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = ("You are a careful assistant. Think step by step about the question, then answer it. Question: a "
           "train leaves at nine and travels for three hours at sixty miles an hour; how far does it go?")  # fmt: skip
@@ -49,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loss-type", default="dapo", help="GRPOConfig.loss_type")
     parser.add_argument("--steps", type=int, default=1, help="timed steps (the last one is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", type=Path, default=None, help="also write the CSV here")
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -60,7 +64,7 @@ def load(impl: str, folder: str, max_seq: int):
     """(model, tokenizer, peft_config or None) the way each library's users load a QLoRA model."""
     import torch
 
-    if impl in ("loraforge", "loraforge_model"):
+    if impl in ("loraforge", "loraforge_model", "loraforge_hfgen"):
         from loraforge import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=max_seq, load_in_4bit=True,
@@ -91,9 +95,11 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
     import trl
 
     model, tokenizer, peft_config = load(impl, folder, 256 + args.completion_length)
-    trainer_class = trl.GRPOTrainer
-    if impl == "loraforge":
+    trainer_class, extra = trl.GRPOTrainer, {}
+    if impl in ("loraforge", "loraforge_hfgen"):
         from loraforge.train.grpo import GRPOTrainer as trainer_class
+
+        extra = {"fast_generation": impl == "loraforge"}
     with tempfile.TemporaryDirectory() as out_dir:
         config = trl.GRPOConfig(
             output_dir=out_dir, per_device_train_batch_size=args.generations, num_generations=args.generations,
@@ -105,7 +111,10 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
         )  # fmt: skip
         dataset = datasets.Dataset.from_dict({"prompt": [PROMPT] * (args.warmup + args.steps)})
         trainer = trainer_class(model=model, reward_funcs=[varied_reward], args=config, train_dataset=dataset,
-                                processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+                                processing_class=tokenizer, peft_config=peft_config, **extra)  # fmt: skip
+        from loraforge.generation import decode
+
+        graph_before = dict(decode.STATS)
         phases = instrument(trainer)
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -114,7 +123,8 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
         wall = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = {name: values[-1] for name, values in phases.items() if values}
-    return {**last, "train_wall_s": wall, "loss": logs[-1]["loss"] if logs else None,
+    graph = {k: v - graph_before[k] for k, v in decode.STATS.items() if v - graph_before[k]}
+    return {**last, "train_wall_s": wall, "fast_generate": graph, "loss": logs[-1]["loss"] if logs else None,
             "completion_length": logs[-1].get("completions/mean_length") if logs else None,
             "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}  # fmt: skip
 
@@ -188,7 +198,8 @@ def main() -> None:
                      "limit_us": "", "fraction_of_limit": "", "vs_ours": (r["step_s"] / ours) if ours else "",
                      "note": f"rollout {r['rollout_s']:.1f} s (peak {r['rollout_peak_gib']:.2f} GiB), train "
                              f"{r['train_s']:.2f} s (peak {r['train_peak_gib']:.2f} GiB), {tokens} completion tokens, "
-                             f"mean length {r['completion_length']}; us = per step; peaks total"})  # fmt: skip
+                             f"mean length {r['completion_length']}; us = per step; peaks total"
+                             + (f"; rollouts {r['fast_generate']}" if r.get("fast_generate") else "")})  # fmt: skip
     harness.write_rows("grpo_step", rows, args.out)
     harness.print_table(rows)
 

@@ -24,6 +24,7 @@ _LAZY = {
     "push_to_hub_gguf": "loraforge.export",
     "PatchFastRL": "loraforge.train.patch_fast_rl",
     "GRPOTrainer": "loraforge.train.grpo",
+    "fast_generate": "loraforge.generation",
 }
 
 __all__ = ["nf4", "cuda_kernels_built", "cuda_architectures", "__version__", *_LAZY]
@@ -36,7 +37,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if name in ("rewards", "distributed", "export", "data", "models", "train"):
+    if name in ("rewards", "distributed", "export", "data", "models", "train", "generation"):
         import importlib
 
         return importlib.import_module(f"loraforge.{name}")

@@ -27,9 +27,15 @@ MoE models asked for their router loss, a LoRA-wrapped or quantized lm_head, mod
 scales logits in ways other than `logit_scale` / `final_logit_softcapping`, and models wrapped for
 distributed training (DDP, FSDP, DeepSpeed: their forward does the gradient bookkeeping).
 
-Rollouts need nothing from us: TRL generates under `torch.no_grad()`, where transformers keeps the KV
-cache even with gradient checkpointing on and the model in training mode, and loraforge's patched
-forwards take the stock path whenever no labels are given. Adapters stay attached, never merged.
+Rollouts: TRL generates with `unwrapped_model.generate(...)` under `torch.no_grad()`; loraforge's patched
+forwards take the stock path whenever no labels are given, and adapters stay attached, never merged. On
+CUDA that call is bound by the host (hundreds of small launches per token), so `fast_generation` (on by
+default on CUDA) routes it, for the duration of TRL's `_generate_single_turn`, to
+`loraforge.fast_generate` (generation/): the same settings (TRL's GenerationConfig), a static KV cache,
+and the decode step replayed as a CUDA graph. The route is an instance attribute on the unwrapped model,
+removed afterwards; TRL's code around the call (padding, EOS masking, tool calls) runs unchanged, and
+whatever fast_generate does not implement (repetition_penalty, multimodal inputs, ...) goes on to the
+model's own generate. vLLM, continuous batching, DeepSpeed and FSDP rollouts are left to TRL.
 
 One repair: transformers' Trainer and TRL's rollout re-enable gradient checkpointing with plain torch
 checkpointing, dropping use_gradient_checkpointing="unsloth"'s offloaded kind; the policy's scoring
@@ -39,6 +45,7 @@ puts it back (`restore_offloaded_checkpointing`).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import trl
@@ -119,17 +126,40 @@ def completion_logprobs(causal_lm: torch.nn.Module, input_ids: torch.Tensor, att
     return logps, entropies
 
 
+@contextlib.contextmanager
+def generate_through_fast_generate(model: torch.nn.Module):
+    """Within the block, `model.generate(...)` is `loraforge.fast_generate(model, ...)` (which falls back to
+    the class's own generate for what it does not implement). An instance attribute, removed on exit; the
+    cache and captured graph are not kept between rollouts (reuse_graph=False: the adapters change at
+    every optimizer step, and training needs the memory)."""
+    from loraforge.generation import fast_generate
+
+    if "generate" in model.__dict__:  # already routed (or replaced by someone else): leave it alone
+        yield model
+        return
+    model.__dict__["generate"] = functools.partial(fast_generate, model, reuse_graph=False)
+    try:
+        yield model
+    finally:
+        model.__dict__.pop("generate", None)
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """TRL's GRPOTrainer with memory-efficient per-token log-probabilities (see the module docstring).
 
     Drop-in: same constructor, same GRPOConfig. `logprob_chunk_rows` (keyword, optional) sets the rows
     per lm_head chunk; by default one fp32 chunk of logits is at most 256 MiB. A model prepared with
     use_gradient_checkpointing="unsloth" keeps its offloaded checkpointing through training (see
-    `restore_offloaded_checkpointing`).
+    `restore_offloaded_checkpointing`). `fast_generation` (keyword): rollouts through
+    `loraforge.fast_generate` (None, the default: on when training on CUDA; True: also on CPU, eagerly;
+    False: TRL's `model.generate`).
     """
 
-    def __init__(self, *args, logprob_chunk_rows: int | None = None, **kwargs):
+    def __init__(self, *args, logprob_chunk_rows: int | None = None, fast_generation: bool | None = None, **kwargs):
+        if fast_generation not in (None, True, False):
+            raise ValueError(f"fast_generation must be None, True or False, got {fast_generation!r}")
         self.logprob_chunk_rows = logprob_chunk_rows
+        self.fast_generation = fast_generation
         model = kwargs.get("model", args[0] if args else None)
         self._offloaded_checkpointing = isinstance(model, torch.nn.Module) and uses_offloaded_checkpointing(model)
         super().__init__(*args, **kwargs)
@@ -141,6 +171,25 @@ class GRPOTrainer(trl.GRPOTrainer):
 
         warn_on_chat_template_problems(self.model, self.processing_class)
         return super().train(*args, **kwargs)
+
+    def _fast_rollouts(self, images, multimodal_fields) -> bool:
+        """Whether this rollout goes through fast_generate (see the module docstring)."""
+        if self.fast_generation is False or images is not None or multimodal_fields:
+            return False
+        if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
+            return False
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        return self.fast_generation is True or self.accelerator.device.type == "cuda"
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        """TRL's method, with its `unwrapped_model.generate(...)` answered by fast_generate."""
+        if not self._fast_rollouts(images, multimodal_fields):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args,
+                                                 **kwargs)  # fmt: skip
+        with generate_through_fast_generate(self.accelerator.unwrap_model(self.model_wrapped)):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args,
+                                                 **kwargs)  # fmt: skip
 
     def _chunked_scoring_applies(self, model, compute_aux_loss: bool, extra: dict) -> bool:
         if compute_aux_loss or any(extra.get(name) is not None for name in _MULTIMODAL_KWARGS):

@@ -1,7 +1,7 @@
 """RMSNorm, Llama and Gemma forms, with autograd registered on the op.
 
-    loraforge::rms_norm(x, weight, eps, gemma) -> y
-    loraforge::rms_norm_backward(grad_y, x, weight, eps, gemma, weight_grad) -> (grad_x, grad_weight)
+    loraforge::rms_norm(x, weight, eps, gemma) -> (y, rstd)
+    loraforge::rms_norm_backward(grad_y, x, weight, rstd, gemma, weight_grad) -> (grad_x, grad_weight)
 
 x is [..., hidden] in float32, float16 or bfloat16; weight is [hidden]. The forms match transformers:
 
@@ -18,9 +18,13 @@ g = dy * s, the gradient reaching n. The casts count as the identity, as autogra
     dweight = sum over rows of dy * n.to(x.dtype)   (Llama: the weight multiplies the rounded n)
     dweight = sum over rows of dy * n               (Gemma)
 
-rstd is recomputed in the backward from the row of x it must read anyway, so the forward saves only x
-and weight and writes no statistics. dweight is reduced in fp32 (per-program partial sums, then one sum)
-and skipped when weight needs no gradient (a frozen norm under LoRA): grad_weight is then empty.
+rstd (float32, shape x.shape[:-1]) is the forward's second output, saved with x and weight for the
+backward and not differentiable. Writing it costs 4 bytes a row; reading it spares the backward the
+reduction sum_j x_j**2 that would otherwise stand in series before the one it needs, sum_j g_j n_j, and
+the backward then uses the very rstd that produced y (the CUDA forward computes it correctly rounded;
+see triton_kernels/rmsnorm.py). Python callers use rms_norm() below, which returns y alone.
+dweight is reduced in fp32 (per-program partial sums, then one sum) and skipped when weight needs no
+gradient (a frozen norm under LoRA): grad_weight is then empty.
 
 Kernels: the reference below on CPU and every other device, Triton (loraforge.triton_kernels.rmsnorm)
 on CUDA.
@@ -55,7 +59,8 @@ def _check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+def _check_args(x: torch.Tensor, weight: torch.Tensor, eps: float | None = None) -> None:
+    """x and weight; and eps, where the forward takes one (the backward reads the forward's rstd)."""
     _check_float(x, "x")
     _check_float(weight, "weight")
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -64,16 +69,21 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise ValueError(f"weight must be [{x.shape[-1]}] (x's last dimension), got shape {list(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-    if not (math.isfinite(eps) and eps >= 0):
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
 
 
-def _check_grad(grad_y: torch.Tensor, x: torch.Tensor) -> None:
+def _check_grad(grad_y: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> None:
     _check_float(grad_y, "grad_y")
     if grad_y.shape != x.shape:
         raise ValueError(f"grad_y has shape {list(grad_y.shape)} but x has {list(x.shape)}")
     if grad_y.device != x.device:
         raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
+    if not isinstance(rstd, torch.Tensor) or rstd.dtype != torch.float32:
+        raise TypeError(f"rstd must be the forward's float32 tensor, got {getattr(rstd, 'dtype', type(rstd))}")
+    if rstd.shape != x.shape[:-1] or rstd.device != x.device:
+        raise ValueError(f"rstd must be {list(x.shape[:-1])} on {x.device} (x's leading dimensions), got "
+                         f"{list(rstd.shape)} on {rstd.device}")  # fmt: skip
 
 
 def output_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.dtype:
@@ -85,17 +95,21 @@ def output_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.dt
 # Reference: the definition, in plain torch (transformers' LlamaRMSNorm and GemmaRMSNorm).
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-    hidden = x.float()
-    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    if gemma:
-        return (normed * (1.0 + weight.float())).to(x.dtype)
-    return weight * normed.to(x.dtype)
-
-
-def rms_norm_backward_reference(grad_y, x, weight, eps, gemma, weight_grad):
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, rstd)."""
     hidden = x.float()
     rstd = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    normed = hidden * rstd
+    if gemma:
+        return (normed * (1.0 + weight.float())).to(x.dtype), rstd.squeeze(-1)
+    return weight * normed.to(x.dtype), rstd.squeeze(-1)
+
+
+def rms_norm_backward_reference(grad_y, x, weight, rstd, gemma, weight_grad):
+    hidden = x.float()
+    rstd = rstd.unsqueeze(-1)
     normed = hidden * rstd
     dy = grad_y.float()
     g = dy * ((1.0 + weight.float()) if gemma else weight.float())
@@ -113,7 +127,8 @@ def rms_norm_backward_reference(grad_y, x, weight, eps, gemma, weight_grad):
 
 def _forward_reference(x, weight, eps, gemma):
     _check_args(x, weight, eps)
-    return rms_norm_reference(x, weight, eps, gemma).contiguous()  # the layout the fake kernel promises
+    y, rstd = rms_norm_reference(x, weight, eps, gemma)
+    return y.contiguous(), rstd.contiguous()  # the layout the fake kernel promises
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -126,41 +141,43 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _forward_cuda(x, weight, eps, gemma):
     _check_args(x, weight, eps)
     with _native.on_device(x.device):
-        y = _triton().rms_norm_forward(_rows(x), weight.contiguous(), eps, gemma, output_dtype(x, weight, gemma))
-    return y.view(x.shape)
+        y, rstd = _triton().rms_norm_forward(_rows(x), weight.contiguous(), eps, gemma, output_dtype(x, weight, gemma))
+    return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
 def _forward_fake(x, weight, eps, gemma):
     _check_args(x, weight, eps)
-    return x.new_empty(x.shape, dtype=output_dtype(x, weight, gemma))
+    return x.new_empty(x.shape, dtype=output_dtype(x, weight, gemma)), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _backward_reference(grad_y, x, weight, eps, gemma, weight_grad):
-    _check_args(x, weight, eps)
-    _check_grad(grad_y, x)
-    grad_x, grad_weight = rms_norm_backward_reference(grad_y, x, weight, eps, gemma, weight_grad)
+def _backward_reference(grad_y, x, weight, rstd, gemma, weight_grad):
+    _check_args(x, weight)
+    _check_grad(grad_y, x, rstd)
+    grad_x, grad_weight = rms_norm_backward_reference(grad_y, x, weight, rstd, gemma, weight_grad)
     return grad_x.contiguous(), grad_weight  # the layout the fake kernel promises
 
 
-def _backward_cuda(grad_y, x, weight, eps, gemma, weight_grad):
-    _check_args(x, weight, eps)
-    _check_grad(grad_y, x)
+def _backward_cuda(grad_y, x, weight, rstd, gemma, weight_grad):
+    _check_args(x, weight)
+    _check_grad(grad_y, x, rstd)
     dy = grad_y.reshape(-1, x.shape[-1])
     if dy.stride(-1) not in (0, 1):  # 0: a gradient broadcast along rows, read as it is
         dy = dy.contiguous()
     with _native.on_device(x.device):
-        grad_x, grad_weight = _triton().rms_norm_backward(dy, _rows(x), weight.contiguous(), eps, gemma, weight_grad)
+        grad_x, grad_weight = _triton().rms_norm_backward(
+            dy, _rows(x), weight.contiguous(), rstd.reshape(-1).contiguous(), gemma, weight_grad
+        )
     return grad_x.view(x.shape), (grad_weight if weight_grad else weight.new_empty(0))
 
 
-def _backward_fake(grad_y, x, weight, eps, gemma, weight_grad):
-    _check_args(x, weight, eps)
-    _check_grad(grad_y, x)
+def _backward_fake(grad_y, x, weight, rstd, gemma, weight_grad):
+    _check_args(x, weight)
+    _check_grad(grad_y, x, rstd)
     return x.new_empty(x.shape), weight.new_empty(weight.shape if weight_grad else (0,))
 
 
 rms_norm_backward = define_op(
-    "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, float eps, bool gemma, bool weight_grad) "
+    "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool gemma, bool weight_grad) "
     "-> (Tensor grad_x, Tensor grad_weight)",
     reference=_backward_reference,
     cpu=_backward_reference,
@@ -170,20 +187,25 @@ rms_norm_backward = define_op(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, eps, gemma = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.eps, ctx.gemma = eps, gemma
+    x, weight, _eps, gemma = inputs
+    rstd = output[1]
+    ctx.mark_non_differentiable(rstd)  # a statistic for the backward; no gradient flows through it
+    ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for rstd each step
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.gemma = gemma
 
 
-def _backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_rstd):
+    if grad_y is None:  # not materialised (see _setup_context): nothing reached y
+        return None, None, None, None
+    x, weight, rstd = ctx.saved_tensors
     x_needs, weight_needs = ctx.needs_input_grad[:2]
-    grad_x, grad_weight = rms_norm_backward(grad_y, x, weight, ctx.eps, ctx.gemma, weight_needs)
+    grad_x, grad_weight = rms_norm_backward(grad_y, x, weight, rstd, ctx.gemma, weight_needs)
     return (grad_x if x_needs else None), (grad_weight if weight_needs else None), None, None
 
 
 rms_norm_op = define_op(
-    "rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> Tensor",
+    "rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> (Tensor y, Tensor rstd)",
     reference=_forward_reference,
     cpu=_forward_reference,
     cuda=_forward_cuda,
@@ -195,4 +217,4 @@ rms_norm_op = define_op(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
     """RMSNorm of x over its last dimension (Llama form, or Gemma's `1 + weight` with gemma=True)."""
-    return rms_norm_op(x, weight, float(eps), bool(gemma))
+    return rms_norm_op(x, weight, float(eps), bool(gemma))[0]

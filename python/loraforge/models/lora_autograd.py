@@ -99,6 +99,28 @@ def optimizer_steps() -> int:
     return _OPTIMIZER_STEPS[0]
 
 
+_MM_OUT_DTYPE = {"works": None}  # whether torch.mm takes out_dtype=float32 for 16-bit CUDA operands
+
+
+def adapter_grad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """scale * (a @ b) in `dtype`, the adapter's own (fp32 under PEFT). For 16-bit CUDA operands and an
+    fp32 adapter: one cuBLAS call that accumulates in fp32 and writes fp32 (torch.mm's out_dtype), so
+    neither a bf16 rounding of the gradient nor a cast kernel (~450 of them a step of an 8B model, whose
+    step is bound by the host); elsewhere the product in the operands' dtype, then the cast."""
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16) \
+            and _MM_OUT_DTYPE["works"] is not False:  # fmt: skip
+        try:
+            grad = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE["works"] = True
+            return grad if scale == 1.0 else grad.mul_(scale)
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm(out_dtype=...)
+            if _MM_OUT_DTYPE["works"]:
+                raise
+            _MM_OUT_DTYPE["works"] = False
+    grad = a @ b
+    return (grad if scale == 1.0 else grad.mul_(scale)).to(dtype)
+
+
 class LoRAProjection:
     """What the fused functions need of one PEFT LoRA-wrapped Linear: base layer, A, B, scaling."""
 
@@ -127,11 +149,11 @@ def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch
         return grad_x, None, None
     a, b, s = adapter_in(proj.A, dy.dtype), adapter_in(proj.B, dy.dtype), proj.scaling
     h = x @ a.t()
-    grad_b = (dy.t() @ h).mul_(s)
+    grad_b = adapter_grad(dy.t(), h, proj.B.dtype, s)
     grad_h = (dy @ b).mul_(s)
-    grad_a = grad_h.t() @ x
+    grad_a = adapter_grad(grad_h.t(), x, proj.A.dtype)
     grad_x.addmm_(grad_h, a)
-    return grad_x, grad_a.to(proj.A.dtype), grad_b.to(proj.B.dtype)
+    return grad_x, grad_a, grad_b
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -243,8 +265,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         h, dg, du = dh, g, u
         d_dA = d_dB = None
         if down.A is not None:
-            d_dB = (dout.t() @ (h @ a.t())).mul_(s).to(down.B.dtype)
-            d_dA = (grad_hd.t() @ h).to(down.A.dtype)
+            d_dB = adapter_grad(dout.t(), h @ a.t(), down.B.dtype, s)
+            d_dA = adapter_grad(grad_hd.t(), h, down.A.dtype)
         del h, dh
         flat = _flat(x)
         if gu is not None:  # gu now holds [dG | dU]

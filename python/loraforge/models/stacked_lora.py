@@ -102,16 +102,19 @@ def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor 
     del w
     if projs[0].A is None:
         return grad_x, [None] * len(projs), [None] * len(projs)
+    from loraforge.models.lora_autograd import adapter_grad  # (lora_autograd imports this module)
+
     a, bd = stacked_adapters(projs, dy.dtype)
     grad_h = dy @ bd
-    grad_b_all = dy.t() @ (x @ a.t())
-    grad_a_all = grad_h.t() @ x
+    # The adapters' gradients straight in their own dtype (fp32 under PEFT: see adapter_grad).
+    grad_b_all = adapter_grad(dy.t(), x @ a.t(), projs[0].B.dtype)
+    grad_a_all = adapter_grad(grad_h.t(), x, projs[0].A.dtype)
     grad_x.addmm_(grad_h, a)
     grads_a, grads_b = [], []
     row = col = 0
     for proj, size in zip(projs, out_sizes(projs)):
         rank = proj.A.shape[0]
-        grads_a.append(grad_a_all[col : col + rank].to(proj.A.dtype))
+        grads_a.append(grad_a_all[col : col + rank].to(proj.A.dtype))  # rows: a contiguous view, no copy
         grads_b.append((grad_b_all[row : row + size, col : col + rank] * proj.scaling).to(proj.B.dtype))
         row, col = row + size, col + rank
     return grad_x, grads_a, grads_b

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraforge.ops import cross_entropy as ce_ops
 from loraforge.ops import fused_linear_cross_entropy as flce_ops
+from loraforge.ops import rmsnorm as rms_ops
 from loraforge.ops import rope as rope_ops
 from loraforge.ops import swiglu as glu_ops
 from loraforge.ops._library import FastPathOp
@@ -49,7 +50,13 @@ def _flce_case(gen):
     return flce_ops.fused_linear_cross_entropy_op, args, (0, 1)
 
 
-CASES = {"rope": _rope_case, "gated_activation": _glu_case, "cross_entropy": _ce_case,
+def _rms_case(gen):
+    x = torch.randn(6, 40, generator=gen, requires_grad=True)
+    w = torch.randn(40, generator=gen, requires_grad=True)
+    return rms_ops.rms_norm_op, (x, w, 1e-6, False), (0, 1)
+
+
+CASES = {"rms_norm": _rms_case, "rope": _rope_case, "gated_activation": _glu_case, "cross_entropy": _ce_case,
          "fused_linear_cross_entropy": _flce_case}  # fmt: skip
 
 

@@ -104,7 +104,8 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
     model = load(impl, folder, args.prompt + args.new_tokens)
     model.eval()
     ids, mask = prompts(args.batch, args.prompt)
-    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "eos_token_id": 128001,
+    eos = model.get_base_model().config.eos_token_id
+    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "eos_token_id": eos,
                 "pad_token_id": 0}  # fmt: skip
     results = {}
     if impl == "loraforge":

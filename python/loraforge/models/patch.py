@@ -10,6 +10,7 @@ first. Self-attention gets attention.py's forward (fused Q/K/V, our RoPE).
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 import weakref
@@ -151,6 +152,18 @@ def _attention_forward(module: torch.nn.Module, rules: AttentionRules) -> Callab
     return _ATTENTION_FORWARDS[key]
 
 
+def _signed_like(original: Callable, forward: Callable) -> Callable:
+    """`forward` under `original`'s name and signature: transformers' generate reads the model's forward
+    signature (attention_mask, position ids, logits_to_keep) to decide what to pass, and a bare
+    (*args, **kwargs) made it skip them (no mask from pad tokens, logits for every prompt position)."""
+
+    @functools.wraps(original)
+    def signed(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return signed
+
+
 def patch_model(model: torch.nn.Module) -> bool:
     """Install the fused forwards; returns False (with a warning) for an unknown architecture."""
     config = getattr(model, "config", None)
@@ -187,7 +200,7 @@ def patch_model(model: torch.nn.Module) -> bool:
         if is_causal_lm and "lm_head" in module._modules and not _is_marked(module):
             from loraforge.models.causal_lm_loss import fused_loss_forward
 
-            module.forward = types.MethodType(fused_loss_forward, module)
+            module.forward = types.MethodType(_signed_like(type(module).forward, fused_loss_forward), module)
             setattr(module, _PATCHED, True)
     if count == 0:
         raise ValueError(f"model_type={model_type!r} but no {rules.mlp_class} module was found: nothing to patch")

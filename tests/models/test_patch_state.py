@@ -1,6 +1,7 @@
-"""patch.lora_projection keeps its answer per module while the LoRA layer's state is unchanged; every
-change that alters the answer (adapters disabled, another adapter active, merged, a base that trains,
-dropout, scaling, a replaced adapter weight) must give a fresh, correct answer."""
+"""Patched-model details. patch.lora_projection keeps its answer per module while the LoRA layer's state
+is unchanged; every change that alters the answer (adapters disabled, another adapter active, merged, a
+base that trains, dropout, scaling, a replaced adapter weight) must give a fresh, correct answer. The
+patched *ForCausalLM keeps its forward's signature, which generate reads."""
 
 from __future__ import annotations
 
@@ -70,3 +71,36 @@ def test_every_state_change_is_seen(lora_layer):
     assert lora_projection(layer) is None
     layer.merged_adapters.clear()
     assert _same_answer(layer)
+
+
+def test_patched_causal_lm_keeps_the_forward_signature(lora_layer):
+    """generate reads the forward's signature to decide what to pass (mask from pad tokens, position
+    ids, logits_to_keep): the patched forward must show the original one."""
+    import inspect
+
+    model, _ = lora_layer
+    causal_lm = model.get_base_model()
+    assert "forward" in causal_lm.__dict__  # patched
+    names = inspect.signature(causal_lm.forward).parameters
+    assert {"input_ids", "attention_mask", "position_ids", "labels", "logits_to_keep"} <= set(names)
+
+
+def test_generate_without_a_mask_matches_the_unpatched_model(lora_layer):
+    """Left-padded prompts and no attention_mask: generate infers the mask from the pad token, for
+    the patched model as for the stock one."""
+    model, _ = lora_layer
+    causal_lm = model.get_base_model()
+    pad = causal_lm.config.pad_token_id if causal_lm.config.pad_token_id is not None else 0
+    ids = torch.randint(5, causal_lm.config.vocab_size, (2, 7))
+    ids[0, :3] = pad
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    model.eval()
+    with torch.no_grad():
+        patched = model.generate(input_ids=ids, **settings)
+        forward = causal_lm.__dict__.pop("forward")
+        try:
+            stock = model.generate(input_ids=ids, **settings)
+        finally:
+            causal_lm.forward = forward
+    model.train()
+    assert torch.equal(patched, stock)

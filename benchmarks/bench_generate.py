@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-new-tokens", type=int, default=256, help="tokens model.generate decodes per row")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", type=Path, default=None, help="also write the CSV here")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="reuse (or keep) the random checkpoint in "
+                        "this folder, e.g. bench_train_step.py --checkpoint's")  # fmt: skip
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -136,8 +138,10 @@ def main() -> None:
     from benchmarks.bench_train_step import write_checkpoint
 
     results = {}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
-        write_checkpoint(Path(folder), args.layers)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
+        folder = str(args.checkpoint or scratch)
+        if not (Path(folder) / "config.json").exists():
+            write_checkpoint(Path(folder), args.layers)
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--layers", str(args.layers),
                    "--batch", str(args.batch), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),

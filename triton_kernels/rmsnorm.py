@@ -36,11 +36,11 @@ TILE_ELEMENTS = 2048  # small hidden sizes are tiled several rows per program up
 # Launch choices. The defaults are the best measured so far (8192 x 4096 bf16, H100).
 # Backward tile, (rows per tile, warps) by BLOCK_H, where one row fills a tile (hidden >= TILE_ELEMENTS):
 # measured sizes only; the others keep the forward's rule (_launch_config).
-BWD_WIDE_TILES = {4096: (1, 8)}
-BWD_PROGRAMS_PER_SM = 2  # persistent backward grid: enough rows in flight, few dw partial rows
-BWD_STAGES = 2  # software pipelining of the backward's row loop: 98 -> 92 us at 8192 x 4096 bf16 on an H100
-BWD_DW_REDUCE = "torch"  # final dw sum: "torch" (a sum, then a cast: two launches) or "triton" (one launch)
-BWD_FROZEN_PERSISTENT = True  # no dw (frozen weight): persistent grid as with dw, or one program per tile
+BWD_WIDE_TILES = {4096: (1, 8)}  # from the sweep (sweep_kernels.py rmsnorm)
+BWD_PROGRAMS_PER_SM = 1  # from the sweep (sweep_kernels.py rmsnorm)
+BWD_STAGES = 6  # from the sweep (sweep_kernels.py rmsnorm)
+BWD_DW_REDUCE = 'triton'  # from the sweep (sweep_kernels.py rmsnorm)
+BWD_FROZEN_PERSISTENT = False  # from the sweep (sweep_kernels.py rmsnorm)
 DW_REDUCE_COLUMNS, DW_REDUCE_PARTIALS = 32, 32  # _rms_norm_dw_kernel's tile: 128 B of each partial row
 # Overrides for benchmarks/sweep_kernels.py, for every hidden size alike (0: the rules above).
 FWD_BLOCK_ROWS = FWD_NUM_WARPS = BWD_BLOCK_ROWS = BWD_NUM_WARPS = 0

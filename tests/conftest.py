@@ -27,3 +27,13 @@ def seed():
     torch.manual_seed(value)
     print(f"seed = {value}")
     return value
+
+
+@pytest.fixture
+def one_thread():
+    """For modules of tiny matrices (pytestmark = pytest.mark.usefixtures("one_thread")): on a shared
+    2-core box, torch's threads only contend (about 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ pytest.importorskip("bitsandbytes")
 PROMPTS = ("Hi.", "Tell me a long story about rain and the sea.", "Bread", "Trains run on time when the")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core box, threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see tests/conftest.py
 
 
 def lora_model(path, load_in_4bit=True, dtype=torch.float32, seed=1, **kwargs):

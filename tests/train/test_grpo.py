@@ -17,13 +17,7 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The matrices here are tiny: on a shared 2-core box, threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ grpo = pytest.importorskip("loraforge.train.grpo")
 from tests.train.test_grpo import peft_model, prompts_dataset, zero_reward  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

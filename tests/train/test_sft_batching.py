@@ -14,13 +14,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The matrices here are tiny: on a shared 2-core box, threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,10 @@ def _state_key(module: torch.nn.Module) -> tuple | None:
     return tuple(key)
 
 
-_PROJECTIONS: dict[int, tuple] = {}  # id(module) -> (module ref, state key, projection)
+# id(module) -> (module ref, state key, projection). A plain dict with a weakref callback rather than
+# torch's WeakIdKeyDictionary (used elsewhere here): its lookup builds a weak reference per call, which
+# doubled this function's cost (8 -> 17 us here) on a path taken ~450 times a step.
+_PROJECTIONS: dict[int, tuple] = {}
 
 
 def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:

@@ -65,12 +65,10 @@ def load(impl: str, folder: str, max_seq: int):
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 init_lora_weights=False)  # fmt: skip
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation="sdpa")  # fmt: skip
+    from benchmarks.bench_train_step import bnb_4bit_model
+
+    model = bnb_4bit_model(folder)
     config = LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM", init_lora_weights=False)
     return get_peft_model(model, config)
 

@@ -73,12 +73,11 @@ def load(impl: str, folder: str, max_seq: int):
                                                  use_gradient_checkpointing="unsloth")  # fmt: skip
         return model, tokenizer, None
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation="sdpa")  # fmt: skip
+    from benchmarks.bench_train_step import bnb_4bit_model
+
+    model = bnb_4bit_model(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM")
 

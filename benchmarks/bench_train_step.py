@@ -59,6 +59,17 @@ def write_checkpoint(folder: Path, layers: int) -> None:
     torch.cuda.empty_cache()
 
 
+def bnb_4bit_model(folder: str):
+    """The checkpoint as transformers + bitsandbytes users load it in 4-bit: NF4 with double quantization,
+    bf16 compute, SDPA attention, on GPU 0 (the benchmarks' plain-stack baseline)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
+                                                device_map={"": 0}, attn_implementation="sdpa")  # fmt: skip
+
+
 def load(impl: str, folder: str, seq: int):
     if impl == "unsloth":
         from unsloth import FastLanguageModel
@@ -77,12 +88,8 @@ def load(impl: str, folder: str, seq: int):
 
         apply_liger_kernel_to_llama()
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation="sdpa")  # fmt: skip
+    model = bnb_4bit_model(folder)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))

@@ -79,8 +79,8 @@ def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
     if cached is not None and cached[0]() is module and cached[1] == key:
         return cached[2]
     projection = _lora_projection(module)
-    _PROJECTIONS[id(module)] = (weakref.ref(module, lambda _, i=id(module): _PROJECTIONS.pop(i, None)), key,
-                                projection)  # fmt: skip
+    ident = id(module)
+    _PROJECTIONS[ident] = (weakref.ref(module, lambda _: _PROJECTIONS.pop(ident, None)), key, projection)
     return projection
 
 

@@ -95,7 +95,8 @@ def load(impl: str, folder: str, seq: int):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
-def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False) -> dict:
+def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False,
+                cprofile: bool = False) -> dict:
     if impl == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
     torch.cuda.reset_peak_memory_stats()
@@ -132,6 +133,22 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
         from benchmarks.profile_train_step import profile_step
 
         result["profile"] = profile_step(step)
+    if cprofile:  # where the host's time goes, per Python function, over 3 steps
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumtime").print_stats(60)
+        result["cprofile"] = text.getvalue()
     return result
 
 
@@ -146,6 +163,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="also profile one step per variant "
                         "(kernel groups, idle gaps: benchmarks/profile_train_step.py) into DIR/train_step_profile.json")
+    parser.add_argument("--cprofile", action="store_true", help="also cProfile 3 steps per variant (host time per "
+                        "Python function) into DIR/train_step_cprofile_<impl>.txt")  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, default=None, help="keep the random checkpoint in this folder "
                         "(reused when it holds one already), e.g. for memory_at_peak.py --folder")  # fmt: skip
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
@@ -153,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.steps, args.warmup,
-                                     args.profile)))
+                                     args.profile, args.cprofile)))
         return
 
     rate = matmul_tflops()
@@ -168,13 +187,19 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
             cmd += ["--profile"] if args.profile else []
+            cmd += ["--cprofile"] if args.cprofile else []
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             try:
                 results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             except (json.JSONDecodeError, IndexError):
                 print(f"{impl} failed:\n{proc.stderr[-3000:]}")
                 continue
-            print(impl, {k: v for k, v in results[impl].items() if k != "profile"}, flush=True)
+            print(impl, {k: v for k, v in results[impl].items() if k not in ("profile", "cprofile")}, flush=True)
+    for impl, r in results.items():
+        text = r.pop("cprofile", None)
+        if text and args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"train_step_cprofile_{impl}.txt").write_text(text)
     if args.profile and args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         profiles = {impl: r.pop("profile", None) for impl, r in results.items()}

@@ -332,9 +332,11 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         return (*(grad * grad_loss.to(grad.dtype) if have else None for grad, have in zip(saved, formed)),
                 *([None] * 11))  # fmt: skip
     # Eager: scale in place (no second [V, H] buffer for dW), and not at all when g == 1, which is what
-    # loss.backward() passes (saves reading and writing dW: 2 GB at 128k x 4k). The version bump makes
-    # a second backward through this graph (retain_graph) fail loudly instead of scaling twice.
-    one = _upstream_is_one(grad_loss)
+    # loss.backward() passes (saves reading and writing dW: 2 GB at 128k x 4k). Reading g is a device
+    # sync, which stalls the host at the start of backward: worth it only when dW was formed; dX alone
+    # (a frozen head: LoRA) is cheaper to scale by 1 than to sync for. The version bump makes a second
+    # backward through this graph (retain_graph) fail loudly instead of scaling twice.
+    one = formed[1] and _upstream_is_one(grad_loss)
     for grad, have in zip(saved, formed):
         if have:
             if not one:

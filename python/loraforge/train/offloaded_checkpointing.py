@@ -16,6 +16,19 @@ backward. Around it, saved-tensor hooks move what is saved to pinned host memory
 PyTorch's `save_on_cpu` does the same without the side stream: its device-to-host copy is
 synchronous and stalls the GPU at every layer. On a CPU model there is nothing to offload and
 this is plain checkpointing.
+
+The layer itself goes through one autograd.Function (`_CheckpointedLayer`, the "reentrant" form
+of checkpointing) rather than torch's non-reentrant `checkpoint`: its forward runs the layer with
+autograd off (no graph, no saved-tensor bookkeeping) and keeps only the offloaded input; its
+backward restores the input, reruns the layer with autograd on and backpropagates through that.
+The 8B training step is bound by the host as much as by the GPU, and torch's checkpoint machinery
+cost ~1.3 ms of host time at each layer boundary in forward and ~1 ms at each in backward on the
+H200's host (benchmarks/memory_phases.py, 2026-12-03). Where the Function cannot stand in for
+torch's checkpoint (under torch.distributed, where DDP's and FSDP's gradient hooks expect the
+non-reentrant form; a layer input given by keyword; a keyword tensor that requires grad; a layer
+that returns something other than tensors) torch's checkpoint runs, with the offload hooks.
+Random state (CPU and the layer's device) is saved and restored around the recompute, as torch
+does, only when the layer holds a dropout with p > 0 in training mode.
 """
 
 from __future__ import annotations
@@ -82,11 +95,18 @@ class _OffloadHooks:
         self.last: dict[torch.device, weakref.ref] = {}
 
     def _reap(self) -> None:
-        # Drop GPU references whose host copy has completed, without waiting for the others.
-        self.in_flight = [item for item in self.in_flight if item.gpu is not None and not item.done.query()]
-        for item in list(self.in_flight):
+        # Drop GPU references whose host copy has completed, without waiting for the others. (Until
+        # 2026-12-03 completed items left the queue with their GPU reference still set: every layer
+        # input stayed on the GPU until backward, 1 GiB of an 8B step at 2 x 2,048 tokens.)
+        pending = []
+        for item in self.in_flight:
+            if item.gpu is None:
+                continue
             if item.done.query():
                 item.gpu = None
+            else:
+                pending.append(item)
+        self.in_flight = pending
 
     def pack(self, tensor: torch.Tensor):
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < _MIN_OFFLOAD_BYTES:
@@ -107,9 +127,110 @@ class _OffloadHooks:
 
 _HOOKS = _OffloadHooks()
 
+# An input that requires grad, so that the layer's output does whenever autograd is on, whatever its
+# real inputs (the first layer's input requires grad only with enable_input_require_grads).
+_ANCHOR = torch.empty(0, requires_grad=True)
+
+_USES_DROPOUT = weakref.WeakKeyDictionary()  # layer -> whether it holds a dropout with p > 0
+
+
+def _layer_of(function):
+    """The module a transformers checkpoint call runs: partial(<layer's super().__call__>, **kwargs)."""
+    return getattr(getattr(function, "func", function), "__self__", None)
+
+
+def _uses_dropout(layer: torch.nn.Module | None) -> bool:
+    """Whether recomputing `layer` draws random numbers (then its random state is replayed). Unknown
+    callables count as drawing. Decided once per layer: a dropout is set when the model is built."""
+    if layer is None:
+        return True
+    known = _USES_DROPOUT.get(layer)
+    if known is None:
+        known = any((isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+                    or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0 for m in layer.modules())  # fmt: skip
+        _USES_DROPOUT[layer] = known
+    return known
+
+
+def _requires_grad(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in value)
+    return False
+
+
+def _lean_path_applies(function, args) -> bool:
+    """Whether `_CheckpointedLayer` can stand in for torch's checkpoint (see the module docstring)."""
+    if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    keywords = getattr(function, "keywords", None) or {}
+    return not any(_requires_grad(v) for v in keywords.values())
+
+
+def _autocast_states() -> list[tuple]:
+    return [(device, torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled())
+            for device in ("cuda", "cpu") if torch.is_autocast_enabled(device)]  # fmt: skip
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """One checkpointed layer: forward without autograd keeping only its (offloaded) inputs; backward
+    reruns it with autograd and backpropagates through the rerun. `run(*args)` is the layer call."""
+
+    @staticmethod
+    def forward(ctx, run, offload, replay_rng, _anchor, *args):
+        device = args[0].device
+        ctx.run, ctx.device, ctx.autocast = run, device, _autocast_states()
+        ctx.rng = None
+        if replay_rng:
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        ctx.saved = [_HOOKS.pack(a) if offload and isinstance(a, torch.Tensor) else a for a in args]
+        output = run(*args)
+        if not (isinstance(output, torch.Tensor)
+                or (isinstance(output, tuple) and all(o is None or isinstance(o, torch.Tensor) for o in output))):  # fmt: skip
+            raise TypeError(f"a checkpointed layer must return a tensor or a tuple of tensors, got {type(output)}")
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError('use_gradient_checkpointing="unsloth" recomputes layers inside loss.backward(); '
+                               "torch.autograd.grad(..., inputs=...) cannot reach them: call backward(), or use "
+                               "use_gradient_checkpointing=True")  # fmt: skip
+        wants = ctx.needs_input_grad[4:]
+        inputs = []
+        for item, want in zip(ctx.saved, wants):
+            value = _HOOKS.unpack(item)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().requires_grad_(want)
+            inputs.append(value)
+        ctx.saved = None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            for device, dtype, cache in ctx.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+            if ctx.rng is not None:
+                cuda = ctx.device.type == "cuda"
+                stack.enter_context(torch.random.fork_rng(devices=[ctx.device] if cuda else [], device_type="cuda"))
+                torch.set_rng_state(ctx.rng[0])
+                if cuda:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            outputs = ctx.run(*inputs)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.run = None
+        return (None, None, None, None,
+                *(t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants)))  # fmt: skip
+
 
 def offloaded_checkpoint(function, *args, **kwargs):
     """A drop-in for transformers' `_gradient_checkpointing_func`."""
+    if _lean_path_applies(function, args):
+        return _CheckpointedLayer.apply(function, True, _uses_dropout(_layer_of(function)), _ANCHOR, *args)
     kwargs.setdefault("use_reentrant", False)
     on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     hooks = torch.autograd.graph.saved_tensors_hooks(_HOOKS.pack, _HOOKS.unpack) if on_gpu else contextlib.nullcontext()

@@ -29,6 +29,29 @@ Backward from dOut: dHm from proj_d's rule (dHm = dOut W_d + s (dOut B_d) A_d ne
 one kernel makes dG = dHm * U * act'(G), dU = dHm * act(G) and Hm = act(G) * U (recomputed from the
 saved G and U, written where dHm was), then proj_d's dA and dB from Hm, then proj_g's and proj_u's
 rules with input X, dX summed over both. Saved: X, G, U (G and U are needed for act'(G)).
+
+Long sequences: the MLP in token chunks. G and U are the largest activations of a layer: for a
+Llama-3.1-8B shape (H = 4,096, I = 14,336, bf16) they are 2 I x 2 bytes = 57 KB a token saved from
+forward to backward, and backward adds dHm (28 KB a token), against 8 KB for the saved X: at 300k
+tokens, ~25 GB for one layer's MLP, more than everything else the layer holds. Above a size the
+function therefore runs on row chunks of the flattened tokens (rows are independent: only the
+adapters' gradients sum over them):
+
+    forward:  per chunk X_c: G_c, U_c, Hm_c = act(G_c) * U_c, Out_c = proj_d(Hm_c) into Out's rows
+    saved:    X only
+    backward: per chunk: G_c, U_c recomputed from X_c, then the rule above on the chunk, writing dX_c
+              into dX's rows and adding the chunk's dA, dB into the adapters' gradients (kept in the
+              adapters' own dtype, fp32 under PEFT, so the sum over chunks is not rounded to bf16)
+
+Memory: 8 KB a token (X) between forward and backward instead of 65 KB, and in backward one chunk's
+G, U and dHm (at most 1.5 MLP_CHUNK_BYTES, 768 MiB) instead of 85 KB a token. The dense bases are
+dequantized once per call and held for all its chunks (3 x 117 MB for the 8B shape; the unchunked
+path drops each after its matmul). Cost: G and U computed once more, in backward: 4 n H I FLOPs, 2/3
+of the MLP forward's. For the 8B shape with gradient checkpointing that is ~10% of a layer's
+training FLOPs at the threshold (18.7k tokens), less as attention's n^2 grows (~6% at 64k tokens,
+~2% at 300k). Below the threshold (at most 2 MLP_CHUNK_BYTES of G and U: batch 2 x 2,048 tokens of
+the 8B shape is far below) the function is exactly the unchunked one above, whose only addition
+is the size comparison (the training step there is bound by the host).
 """
 
 from __future__ import annotations
@@ -220,6 +243,149 @@ class LoRAQKVFunction(torch.autograd.Function):
             return (dx.view_as(x).to(ctx.x_dtype), *grads, None, None, None)
 
 
+# The MLP runs in token chunks when its whole [n, 2 I] G/U buffer would exceed twice this (module
+# docstring); a chunk's G/U buffer is at most this.
+MLP_CHUNK_BYTES = 512 * 2**20
+
+
+def mlp_chunk_rows(n: int, intermediate: int, dtype: torch.dtype) -> int:
+    """Rows (tokens) per chunk of the MLP on n tokens with I = intermediate in `dtype`; 0: unchunked."""
+    row_bytes = 2 * intermediate * dtype.itemsize
+    if n * row_bytes <= 2 * MLP_CHUNK_BYTES:
+        return 0
+    rows = MLP_CHUNK_BYTES // row_bytes
+    return rows // 128 * 128 if rows >= 128 else max(rows, 1)
+
+
+class _DenseProjection:
+    """A projection as the chunked MLP uses it: the base W [o, i] dense and A [r, i], B [o, r] (None
+    without LoRA) in the compute dtype, obtained once per call for all chunks; the gradients of A and
+    B are made in a_dtype and b_dtype (the adapters' own). Gate and up stacked are one of these, with
+    the stacked A and the block-diagonal Bd (scalings inside) as A and B, and scaling 1."""
+
+    __slots__ = ("w", "bias", "a", "b", "scaling", "a_dtype", "b_dtype")
+
+    def __init__(self, w, bias, a=None, b=None, scaling=1.0, adapters=(None, None)):
+        self.w, self.bias, self.a, self.b, self.scaling = w, bias, a, b, scaling
+        self.a_dtype, self.b_dtype = (None, None) if a is None else (adapters[0].dtype, adapters[1].dtype)
+
+    @staticmethod
+    def of(proj: LoRAProjection, dtype: torch.dtype) -> _DenseProjection:
+        bias = base_bias(proj.base)
+        w, bias = dense_weight(proj.base, dtype), None if bias is None else bias.to(dtype)
+        if proj.A is None:
+            return _DenseProjection(w, bias)
+        a, b = adapter_in(proj.A, dtype), adapter_in(proj.B, dtype)
+        return _DenseProjection(w, bias, a, b, proj.scaling, (proj.A, proj.B))
+
+    @staticmethod
+    def stacked(gate: LoRAProjection, up: LoRAProjection, dtype: torch.dtype, device) -> _DenseProjection:
+        """Gate and up as one projection [W_g; W_u], as stacked_lora runs them."""
+        bias = None
+        if base_bias(gate.base) is not None:
+            bias = torch.cat([base_bias(gate.base), base_bias(up.base)]).to(dtype)
+        w = stacked_lora.stacked_weight((gate, up), dtype, device)
+        if gate.A is None:
+            return _DenseProjection(w, bias)
+        a, bd = stacked_lora.stacked_adapters((gate, up), dtype)
+        return _DenseProjection(w, bias, a, bd, 1.0, (gate.A, gate.B))
+
+
+def _dense_projections(projs, stacked: bool, dtype: torch.dtype, device: torch.device):
+    """([gate and up stacked as one] or [gate, up], down) as _DenseProjections."""
+    gate, up, down = projs
+    if stacked:
+        return [_DenseProjection.stacked(gate, up, dtype, device)], _DenseProjection.of(down, dtype)
+    return [_DenseProjection.of(gate, dtype), _DenseProjection.of(up, dtype)], _DenseProjection.of(down, dtype)
+
+
+def _dense_forward(p: _DenseProjection, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X W^T (+ b) + s (X A^T) B^T, into `out` when given."""
+    if p.bias is None:
+        y = torch.mm(x, p.w.t(), out=out)
+    else:
+        y = torch.addmm(p.bias, x, p.w.t(), out=out)
+    if p.a is not None:
+        y.addmm_(x @ p.a.t(), p.b.t(), alpha=p.scaling)
+    return y
+
+
+def _gate_up_chunk(gate_up: list, x: torch.Tensor):
+    """(G, U, their stacked [c, 2 I] buffer or None) of one chunk of rows."""
+    if len(gate_up) == 1:
+        gu = _dense_forward(gate_up[0], x)
+        return (*gu.split(gu.shape[1] // 2, dim=1), gu)
+    return _dense_forward(gate_up[0], x), _dense_forward(gate_up[1], x), None
+
+
+def _input_grad(p: _DenseProjection, dy: torch.Tensor, dx: torch.Tensor | None = None, add: bool = False):
+    """(dX = dY W + dH A, dH = s dY B (None without LoRA)); dX written into dx when given, or added to it
+    when `add`."""
+    if dx is None:
+        dx = dy @ p.w
+    elif add:
+        dx.addmm_(dy, p.w)
+    else:
+        torch.mm(dy, p.w, out=dx)
+    if p.a is None:
+        return dx, None
+    grad_h = (dy @ p.b).mul_(p.scaling)
+    dx.addmm_(grad_h, p.a)
+    return dx, grad_h
+
+
+def _add_adapter_grads(p: _DenseProjection, x, dy, grad_h, grads: list, k: int) -> None:
+    """Adds one chunk's dA = dH^T X and dB = s dY^T (X A^T) into grads[k] and grads[k + 1] (the first
+    chunk's are taken as they are: fresh tensors in the adapters' dtype)."""
+    if p.a is None:
+        return
+    grad_a = adapter_grad(grad_h.t(), x, p.a_dtype)
+    grad_b = adapter_grad(dy.t(), x @ p.a.t(), p.b_dtype, p.scaling)
+    for i, grad in ((k, grad_a), (k + 1, grad_b)):
+        if grads[i] is None:
+            grads[i] = grad
+        else:
+            grads[i].add_(grad)
+
+
+def _chunked_mlp_forward(projs, stacked: bool, activation: str, x: torch.Tensor, rows: int) -> torch.Tensor:
+    gate_up, down = _dense_projections(projs, stacked, x.dtype, x.device)
+    out = x.new_empty((x.shape[0], down.w.shape[0]))
+    for start in range(0, x.shape[0], rows):
+        g, u, gu = _gate_up_chunk(gate_up, x[start : start + rows])
+        h = swiglu_ops.gated_activation(g, u, activation, False)
+        del g, u, gu
+        _dense_forward(down, h, out[start : start + rows])
+    return out
+
+
+def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor, dout: torch.Tensor, rows: int):
+    """[dX, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d] from the saved X and dOut (both [n, .]), chunk by chunk."""
+    gate_up, down = _dense_projections(projs, stacked, x.dtype, x.device)
+    dx = torch.empty_like(x)
+    grads = [None] * 6  # dA, dB of gate_up[0], then of gate_up[1] (unstacked), then of down
+    for start in range(0, x.shape[0], rows):
+        x_c, dout_c, dx_c = x[start : start + rows], dout[start : start + rows], dx[start : start + rows]
+        g, u, gu = _gate_up_chunk(gate_up, x_c)
+        dh, grad_hd = _input_grad(down, dout_c)  # dHm, and dL/d(Hm A_d^T)
+        torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, activation)  # dh: Hm; g, u: dG, dU
+        _add_adapter_grads(down, dh, dout_c, grad_hd, grads, 4)
+        del dh, grad_hd
+        if gu is not None:  # gu holds [dG | dU]
+            _, grad_h = _input_grad(gate_up[0], gu, dx_c)
+            _add_adapter_grads(gate_up[0], x_c, gu, grad_h, grads, 0)
+            continue
+        for i, (p, dy) in enumerate(zip(gate_up, (g, u))):
+            _, grad_h = _input_grad(p, dy, dx_c, add=i == 1)
+            _add_adapter_grads(p, x_c, dy, grad_h, grads, 2 * i)
+    if stacked and grads[0] is not None:  # the stacked dA rows and the diagonal blocks of dB, per projection
+        (gate, up, _), (grad_a, grad_b) = projs, grads[:2]
+        size, rank = int(gate.base.out_features), gate.A.shape[0]
+        grads[:4] = [grad_a[:rank].to(gate.A.dtype), (grad_b[:size, :rank] * gate.scaling).to(gate.B.dtype),
+                     grad_a[rank:].to(up.A.dtype), (grad_b[size:, rank:] * up.scaling).to(up.B.dtype)]  # fmt: skip
+    return [dx, *grads]
+
+
 class LoRAMLPFunction(torch.autograd.Function):
     """Out = down(act(gate(X)) * up(X)), each projection with LoRA, backward by hand."""
 
@@ -231,6 +397,12 @@ class LoRAMLPFunction(torch.autograd.Function):
             xc = x.to(dtype)
             flat = _flat(xc)
             ctx.stacked = stacked_lora.stackable((gate, up))
+            ctx.chunk_rows = mlp_chunk_rows(flat.shape[0], up.base.out_features, dtype)
+            if ctx.chunk_rows:  # long sequences: in token chunks, X alone saved (module docstring)
+                ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
+                ctx.save_for_backward(xc)
+                out = _chunked_mlp_forward(ctx.projs, ctx.stacked, activation, flat, ctx.chunk_rows)
+                return out.view(*x.shape[:-1], -1)
             if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
                 gu = stacked_lora.stacked_forward((gate, up), flat)
                 g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
@@ -244,6 +416,12 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.chunk_rows:
+            (x,) = ctx.saved_tensors
+            with no_autocast(x):
+                dx, *grads = _chunked_mlp_backward(ctx.projs, ctx.stacked, ctx.activation, _flat(x),
+                                                   _flat(dout.to(x.dtype)), ctx.chunk_rows)  # fmt: skip
+                return dx.view_as(x).to(ctx.x_dtype), *grads, None, None, None, None
         x, g, u = ctx.saved_tensors
         with no_autocast(x):
             return LoRAMLPFunction._backward(ctx, x, g, u, dout.to(x.dtype))

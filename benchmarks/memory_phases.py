@@ -134,11 +134,11 @@ def summarise(impl: str, rows: list[dict]) -> None:
     groups: dict[str, list[float]] = {}
     for r in rows:  # per kind of phase: forward of a layer, recompute, backward, the rest
         a, b = r["phase"].split(" -> ")
-        # Backward reaches a layer's MLP output ("bwd") before the recompute starts ("rec in"); the
-        # recompute and the layer's whole backward then run until the next layer's "bwd".
-        key = ("layer fwd" if a.endswith("fwd in") else "layer recompute + backward" if a.endswith("rec in")
-               else "between layers, fwd" if a.endswith("fwd out") and b.endswith("fwd in")
-               else "layer bwd start -> recompute" if a.endswith("bwd") else r["phase"])  # fmt: skip
+        # Layer marks without their index ("L3 rec in" -> "rec in"), so phases of one kind add up: with
+        # torch's checkpoint the backward reaches a layer's MLP output ("bwd") before its recompute starts
+        # ("rec in"), which stops early (no "rec out"); with loraforge's own it is "rec in", "rec out", "bwd".
+        key = " -> ".join(part.split(" ", 1)[1] if part.startswith("L") and part[1:2].isdigit() else part
+                          for part in (a, b))  # fmt: skip
         acc = groups.setdefault(key, [0, 0.0, 0.0, 0.0])
         acc[0] += 1
         acc[1] += r["host_ms"]

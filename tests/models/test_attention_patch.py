@@ -98,8 +98,11 @@ def test_loss_and_lora_gradients_match_peft_through_the_fused_attention(saved_mo
     torch.testing.assert_close(loss, loss_plain, rtol=1e-5, atol=1e-6)
     _assert_same_grads(grads, grads_plain)
     # The new path ran in every layer: q/k/v as one autograd node, RoPE through our op (forward and
-    # backward; gradient checkpointing replays the forward, hence "at least").
-    nodes = _graph_nodes(ours(**batch, labels=batch["input_ids"]).loss)
+    # backward; gradient checkpointing replays the forward, hence "at least"). The graph is walked in
+    # eval mode, without checkpointing: a checkpointed layer is one node whose inside is built only in
+    # backward.
+    ours.eval()
+    nodes = _graph_nodes(ours(**batch, labels=batch["input_ids"], use_cache=False).loss)
     assert nodes.count("LoRAQKVFunctionBackward") == LAYERS
     assert ops.calls.get("loraforge.rope", 0) >= LAYERS and ops.calls.get("loraforge.rope_backward") == LAYERS
 

@@ -120,13 +120,24 @@ def longest(impl: str, folder: str, start: int, maximum: int, resolution: int, o
     return best, best_result
 
 
+def per_stack(value: str, impl: str) -> int:
+    """An option given as N for every stack or as impl=N,impl=M (the search ranges of two stacks whose
+    answers lie far apart; each probe near the limit costs minutes of quadratic attention)."""
+    if "=" not in value:
+        return int(value)
+    pairs = dict(item.split("=") for item in value.split(","))
+    if impl not in pairs:
+        raise ValueError(f"no value for {impl} in {value!r}")
+    return int(pairs[impl])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--start", type=int, default=65536)
-    parser.add_argument("--max", type=int, default=524288)
-    parser.add_argument("--resolution", type=int, default=8192)
+    parser.add_argument("--start", default="65536", help="first length; N, or per stack: loraforge=N,unsloth=M")
+    parser.add_argument("--max", default="524288", help="longest length tried; N or per stack like --start")
+    parser.add_argument("--resolution", default="8192", help="bisection stops at this gap; N or per stack")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory-gib", type=float, default=H100_80GB_GIB, help="cap on the GPU memory the "
                         "allocator may use (0: the whole card)")  # fmt: skip
@@ -145,7 +156,8 @@ def main() -> None:
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
         bench_train_step.write_checkpoint(Path(folder), args.layers)
-        found = {impl: longest(impl, folder, args.start, args.max, args.resolution, options)
+        found = {impl: longest(impl, folder, per_stack(args.start, impl), per_stack(args.max, impl),
+                               per_stack(args.resolution, impl), options)
                  for impl in args.impls.split(",")}  # fmt: skip
     card = f"allocator capped at {args.memory_gib:.2f} GiB of {total_gib:.0f}" if args.memory_gib else f"{total_gib:.0f} GiB"
     built = (f"{args.layers} layers built, memory of {args.stand_in_layers} held" if args.stand_in_layers > args.layers
@@ -156,7 +168,7 @@ def main() -> None:
                      "impl": impl, "median_us": 1e6 * result.get("step_s", float("nan")),
                      "extra_peak_mib": 1024 * result.get("peak_gib", float("nan")),
                      "vs_ours": ours / seq if seq else "",
-                     "note": f"{seq} tokens trained (resolution {args.resolution}); {card}; {built}; "
+                     "note": f"{seq} tokens trained (resolution {per_stack(args.resolution, impl)}); {card}; {built}; "
                              f"us = that step"})  # fmt: skip
     harness.write_rows("long_context", rows, args.out)
     harness.print_table(rows)

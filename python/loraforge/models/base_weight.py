@@ -84,7 +84,7 @@ class _CudaDequantCall:
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
         _core.nf4_dequantize_nested_cuda(*self.pointers, self.n, self.blocksize, out.data_ptr(),
-                                         _native.DTYPE_CODES[dtype], torch.cuda.current_stream(self.device).cuda_stream)  # fmt: skip
+                                         _native.DTYPE_CODES[dtype], _native.stream_handle(self.device))  # fmt: skip
         return out
 
 

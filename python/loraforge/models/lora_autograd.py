@@ -453,7 +453,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         del h, dh
         flat = _flat(x)
         if gu is not None:  # gu now holds [dG | dU]
-            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu)
+            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu,
+                                                                            weight_at_once=False)  # fmt: skip
             return dx.view_as(x).to(ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)

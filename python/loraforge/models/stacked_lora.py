@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from loraforge.models.base_weight import dequantize_into, is_linear4bit
+from loraforge.models.base_weight import dense_weight, dequantize_into, is_linear4bit
 
 
 def stackable(projs) -> bool:
@@ -95,11 +95,26 @@ def stacked_forward(projs, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None = None):
-    """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O]."""
-    w = stacked_weight(projs, dy.dtype, dy.device)
-    grad_x = dy @ w if dx is None else dx.addmm_(dy, w)
-    del w
+def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None = None,
+                     weight_at_once: bool = True):
+    """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O].
+
+    weight_at_once=False forms dY W one base at a time (dY_i W_i summed, each W_i freed before the next
+    is dequantized): the MLP's gate/up backward is where a layer's backward peaks, and the stacked
+    [2 I, H] weight alive there costs one [I, H] more (117 MB for the 8B shape) than needed. Two
+    [n, I] x [I, H] products are as efficient as one [n, 2 I] x [2 I, H]; it costs one launch."""
+    if weight_at_once:
+        w = stacked_weight(projs, dy.dtype, dy.device)
+        grad_x = dy @ w if dx is None else dx.addmm_(dy, w)
+        del w
+    else:
+        grad_x, start = dx, 0
+        for proj, size in zip(projs, out_sizes(projs)):
+            w = dense_weight(proj.base, dy.dtype)
+            dy_i = dy[:, start : start + size]  # a column block: strided rows, which cuBLAS takes as they are
+            grad_x = dy_i @ w if grad_x is None else grad_x.addmm_(dy_i, w)
+            del w
+            start += size
     if projs[0].A is None:
         return grad_x, [None] * len(projs), [None] * len(projs)
     from loraforge.models.lora_autograd import adapter_grad  # (lora_autograd imports this module)

@@ -67,7 +67,10 @@ def probe(impl: str, folder: str, seq: int, memory_gib: float, layers: int, stan
     if memory_gib:
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * 2**30 / total))
     model = bench_train_step.load(impl, folder, seq)
-    filler = torch.empty(stand_in_bytes(model, layers, stand_in_layers), dtype=torch.uint8, device="cuda")
+    try:  # what the stack holds after loading for this max_seq_length counts: the stand-in can be what fails
+        filler = torch.empty(stand_in_bytes(model, layers, stand_in_layers), dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError as error:
+        return {"ok": False, "why": "out of memory for the stand-in layers after loading: " + str(error)[:160]}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)

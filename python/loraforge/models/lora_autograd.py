@@ -60,10 +60,10 @@ import contextlib
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 from loraforge.models import stacked_lora
 from loraforge.models.base_weight import base_bias, dense_weight
+from loraforge.models.identity_cache import IdentityCache
 from loraforge.ops import swiglu as swiglu_ops
 
 
@@ -105,7 +105,7 @@ def adapter_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # Keyed by the parameter object, held weakly: kept off the parameter itself so that pickling a
 # module never carries the copies along.
-_ADAPTER_CASTS = WeakIdKeyDictionary()
+_ADAPTER_CASTS = IdentityCache()
 
 # The version counter alone is not enough: torch's fused AdamW (transformers Trainer's default,
 # "adamw_torch_fused") writes the parameters without bumping it. So the key also carries a count of

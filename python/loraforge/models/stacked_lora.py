@@ -26,9 +26,9 @@ path (lora_autograd).
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from loraforge.models.base_weight import dense_weight, dequantize_into, is_linear4bit
+from loraforge.models.identity_cache import IdentityCache
 
 
 def stackable(projs) -> bool:
@@ -56,7 +56,7 @@ def stacked_weight(projs, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return weight
 
 
-_STACKED_ADAPTERS = WeakIdKeyDictionary()  # first A of a group -> (key, A, Bd)
+_STACKED_ADAPTERS = IdentityCache()  # first A of a group -> (key, A, Bd)
 
 
 def stacked_adapters(projs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,9 @@ The 8B training step is bound by the host as much as by the GPU, and torch's che
 cost ~1.3 ms of host time at each layer boundary in forward and ~1 ms at each in backward on the
 H200's host (benchmarks/memory_phases.py, 2026-12-03). Where the Function cannot stand in for
 torch's checkpoint (under torch.distributed, where DDP's and FSDP's gradient hooks expect the
-non-reentrant form; a layer input given by keyword; a keyword tensor that requires grad; a layer
-that returns something other than tensors) torch's checkpoint runs, with the offload hooks.
+non-reentrant form; torch.compile tracing; a layer input given by keyword; a keyword tensor that
+requires grad) torch's checkpoint runs, with the offload hooks. A layer that returns something other
+than tensors is refused with a TypeError.
 Random state (CPU and the layer's device) is saved and restored around the recompute, as torch
 does, only when the layer holds a dropout with p > 0 in training mode.
 """
@@ -164,6 +165,8 @@ def _lean_path_applies(function, args) -> bool:
     """Whether `_CheckpointedLayer` can stand in for torch's checkpoint (see the module docstring)."""
     if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
         return False
+    if torch.compiler.is_compiling():  # dynamo knows torch's checkpoint; a backward that calls backward it cannot trace
+        return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
     keywords = getattr(function, "keywords", None) or {}
@@ -188,8 +191,8 @@ class _CheckpointedLayer(torch.autograd.Function):
             ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         ctx.saved = [_HOOKS.pack(a) if offload and isinstance(a, torch.Tensor) else a for a in args]
         output = run(*args)
-        if not (isinstance(output, torch.Tensor)
-                or (isinstance(output, tuple) and all(o is None or isinstance(o, torch.Tensor) for o in output))):  # fmt: skip
+        tensors = (output,) if isinstance(output, torch.Tensor) else output
+        if not isinstance(tensors, tuple) or not all(o is None or isinstance(o, torch.Tensor) for o in tensors):
             raise TypeError(f"a checkpointed layer must return a tensor or a tuple of tensors, got {type(output)}")
         return output
 
@@ -223,8 +226,8 @@ class _CheckpointedLayer(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.run = None
-        return (None, None, None, None,
-                *(t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants)))  # fmt: skip
+        grads_in = (t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants))
+        return (None, None, None, None, *grads_in)
 
 
 def offloaded_checkpoint(function, *args, **kwargs):

@@ -42,6 +42,7 @@ evaluation with use_cache=False) take the fused path in train and eval mode alik
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from collections.abc import Callable
 
@@ -53,6 +54,14 @@ from loraforge.models.lora_autograd import LoRAQKVFunction
 from loraforge.ops import rope as rope_ops
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5.24's name, and 5.17's (and its alias)
+
+# Experimental, off by default (0): at or above this many tokens per sequence, SDPA attention without a
+# mask runs once per key/value head (each with its group of query heads) instead of once for all heads.
+# Heads are independent, so the result is the same; the aim is the attention backward's working memory
+# at long context. At 589,824 tokens of the 8B shape the allocation that ran out of memory was 32 KB a
+# token, the size of two fp32 [tokens, 32 heads, 128] buffers, which per-group calls would hold at 1/8.
+# Not yet measured: set LORAFORGE_ATTENTION_SPLIT_TOKENS to try it.
+ATTENTION_SPLIT_TOKENS = int(os.environ.get("LORAFORGE_ATTENTION_SPLIT_TOKENS", "0") or 0)
 
 
 def module_functions(module: torch.nn.Module) -> tuple[Callable, Callable] | None:
@@ -94,6 +103,15 @@ def rope_supports(q: torch.Tensor, k: torch.Tensor, cos, sin) -> bool:
     return cos.shape[0] in (1, batch) and cos.shape[1] == seq and rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim
 
 
+def _split_by_kv_head(module, query: torch.Tensor, key: torch.Tensor, attention_mask) -> bool:
+    """Whether this call runs once per key/value head (ATTENTION_SPLIT_TOKENS; SDPA, no mask, several
+    key/value heads, query heads a multiple of them)."""
+    if not ATTENTION_SPLIT_TOKENS or query.shape[2] < ATTENTION_SPLIT_TOKENS or attention_mask is not None:
+        return False
+    heads, kv_heads = query.shape[1], key.shape[1]
+    return module.config._attn_implementation == "sdpa" and kv_heads > 1 and heads % kv_heads == 0
+
+
 def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Callable, lora_projection: Callable):
     """The forward described in the module docstring, for one architecture's rule.
 
@@ -133,10 +151,15 @@ def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Calla
         if rules.softcap:
             extra["softcap"] = self.attn_logit_softcapping
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-        attn_output, attn_weights = attention_interface(
-            self, query, key, value, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling, **extra, **kwargs,
-        )  # fmt: skip
+        options = {"dropout": self.attention_dropout if self.training else 0.0, "scaling": self.scaling,
+                   **extra, **kwargs}  # fmt: skip
+        if _split_by_kv_head(self, query, key, attention_mask):
+            groups = query.shape[1] // key.shape[1]
+            parts = [attention_interface(self, q, k, v, attention_mask, **options)[0]
+                     for q, k, v in zip(query.split(groups, 1), key.split(1, 1), value.split(1, 1))]  # fmt: skip
+            attn_output, attn_weights = torch.cat(parts, dim=2), None  # [batch, seq, heads, head_dim]
+        else:
+            attn_output, attn_weights = attention_interface(self, query, key, value, attention_mask, **options)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 

@@ -156,3 +156,13 @@ def test_completed_offload_copies_release_their_gpu_tensor():
     hooks._reap()
     assert [item.gpu is None for item in items] == [True, False, True]
     assert hooks.in_flight == [items[1]]
+
+
+def test_an_input_changed_in_place_after_the_layer_is_caught(seed):
+    torch.manual_seed(seed)
+    block = Block(8)
+    x = torch.randn(2, 8)
+    out = oc.offloaded_checkpoint(block, x)
+    x.add_(1.0)  # the recompute would now see another input
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()

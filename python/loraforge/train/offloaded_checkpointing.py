@@ -190,6 +190,9 @@ class _CheckpointedLayer(torch.autograd.Function):
         if replay_rng:
             ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         ctx.saved = [_HOOKS.pack(a) if offload and isinstance(a, torch.Tensor) else a for a in args]
+        # Inputs kept as they are (CPU, small, or offload off) are read again in backward: an in-place
+        # change in between would make the recompute silently differ, so their versions are checked.
+        ctx.versions = [(i, a._version) for i, a in enumerate(ctx.saved) if isinstance(a, torch.Tensor)]
         output = run(*args)
         tensors = (output,) if isinstance(output, torch.Tensor) else output
         if not isinstance(tensors, tuple) or not all(o is None or isinstance(o, torch.Tensor) for o in tensors):
@@ -202,6 +205,10 @@ class _CheckpointedLayer(torch.autograd.Function):
             raise RuntimeError('use_gradient_checkpointing="unsloth" recomputes layers inside loss.backward(); '
                                "torch.autograd.grad(..., inputs=...) cannot reach them: call backward(), or use "
                                "use_gradient_checkpointing=True")  # fmt: skip
+        for i, version in ctx.versions:
+            if ctx.saved[i]._version != version:
+                raise RuntimeError(f"input {i} of a checkpointed layer was modified in place after the layer ran; "
+                                   "its recompute in backward would not match the forward")  # fmt: skip
         wants = ctx.needs_input_grad[4:]
         inputs = []
         for item, want in zip(ctx.saved, wants):

@@ -1,5 +1,6 @@
-"""lora_autograd.adapter_grad: scale * (a @ b) in the adapter's dtype. On CUDA with 16-bit operands and
-an fp32 adapter it is one fp32-accumulating, fp32-writing product (no bf16 rounding of the gradient)."""
+"""lora_autograd.adapter_grad: scale * (a @ b) in the adapter's dtype. With 16-bit operands and an fp32
+adapter it is an fp32 product, not rounded to 16 bits (on CUDA one fp32-accumulating, fp32-writing cuBLAS
+call; on CPU the operands in fp32)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,22 @@ from loraforge.models.lora_autograd import adapter_grad
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.37])
-def test_cpu_product_then_cast(scale):
+def test_cpu_fp32_adapter_gets_an_unrounded_product(scale):
+    """On CPU, 16-bit operands for an fp32 adapter are multiplied in fp32 (as cuBLAS does on CUDA): no
+    16-bit rounding of the gradient, which chunked sums would otherwise add once per chunk."""
     a, b = torch.randn(13, 70, dtype=torch.bfloat16), torch.randn(70, 5, dtype=torch.bfloat16)
     got = adapter_grad(a, b, torch.float32, scale)
     assert got.dtype == torch.float32
-    assert torch.equal(got, ((a @ b).mul_(scale)).float())
+    assert torch.equal(got, (a.float() @ b.float()).mul_(scale))
+    exact = (a.double() @ b.double()) * scale
+    rounded = (a @ b).double() * scale
+    assert (got.double() - exact).norm() < (rounded - exact).norm()
+
+
+def test_cpu_16bit_adapter_product_in_its_dtype():
+    a, b = torch.randn(13, 70, dtype=torch.bfloat16), torch.randn(70, 5, dtype=torch.bfloat16)
+    got = adapter_grad(a, b, torch.bfloat16, 0.5)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (a @ b).mul_(0.5))
 
 
 @pytest.mark.gpu

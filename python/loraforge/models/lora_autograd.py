@@ -140,7 +140,9 @@ def adapter_grad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: fl
     """scale * (a @ b) in `dtype`, the adapter's own (fp32 under PEFT). For 16-bit CUDA operands and an
     fp32 adapter: one cuBLAS call that accumulates in fp32 and writes fp32 (torch.mm's out_dtype), so
     neither a bf16 rounding of the gradient nor a cast kernel (~450 of them a step of an 8B model, whose
-    step is bound by the host); elsewhere the product in the operands' dtype, then the cast."""
+    step is bound by the host). Elsewhere (CPU) 16-bit operands are multiplied in fp32 for an fp32
+    adapter, so that the gradient is not rounded to 16 bits either: the same numbers as on CUDA, and
+    sums of it over token chunks (the chunked MLP) do not add one 16-bit rounding per chunk."""
     if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16) \
             and _MM_OUT_DTYPE["works"] is not False:  # fmt: skip
         try:
@@ -151,6 +153,8 @@ def adapter_grad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: fl
             if _MM_OUT_DTYPE["works"]:
                 raise
             _MM_OUT_DTYPE["works"] = False
+    if dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
     grad = a @ b
     return (grad if scale == 1.0 else grad.mul_(scale)).to(dtype)
 

@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_train_step import TARGETS  # noqa: E402  (the seven projections every benchmark adapts)
 
 IMPLS = ("loraforge", "plain")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
 
@@ -144,12 +143,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--layers", str(args.layers),
                    "--batch", str(args.batch), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
                    "--hf-new-tokens", str(args.hf_new_tokens)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
-            try:
-                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (json.JSONDecodeError, IndexError):
-                print(f"{impl} failed:\n{proc.stderr[-3000:]}")
+            result, stderr = harness.run_json_process(cmd, timeout=1200)
+            if result is None:
+                print(f"{impl} failed:\n{stderr[-3000:]}")
                 continue
+            results[impl] = result
             print(impl, results[impl], flush=True)
     rows = []
     rate = {}

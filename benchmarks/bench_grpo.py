@@ -28,17 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_train_step import TARGETS  # noqa: E402  (the seven projections every benchmark adapts)
 
 IMPLS = ("trl", "loraforge", "loraforge_model", "loraforge_hfgen")
 DEFAULT_IMPLS = ("trl", "loraforge", "loraforge_model")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = ("You are a careful assistant. Think step by step about the question, then answer it. Question: a "
           "train leaves at nine and travels for three hours at sixty miles an hour; how far does it go?")  # fmt: skip
 GIB = 2**30
@@ -181,12 +180,11 @@ def main() -> None:
                    "--completion-length", str(args.completion_length), "--generations", str(args.generations),
                    "--beta", str(args.beta), "--loss-type", args.loss_type, "--steps", str(args.steps),
                    "--warmup", str(args.warmup)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
-            try:
-                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (json.JSONDecodeError, IndexError):
-                print(f"{impl} failed:\n{proc.stderr[-3000:]}")
+            result, stderr = harness.run_json_process(cmd, timeout=3600)
+            if result is None:
+                print(f"{impl} failed:\n{stderr[-3000:]}")
                 continue
+            results[impl] = result
             print(impl, results[impl], flush=True)
     ours = results.get("loraforge", {}).get("step_s")
     for impl, r in results.items():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,12 +90,11 @@ def probe(impl: str, folder: str, seq: int, memory_gib: float, layers: int, stan
 
 def run_probe(impl: str, folder: str, seq: int, options: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--probe", impl, "--folder", folder, "--seq", str(seq), *options]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        tail = proc.stderr[-400:]
-        return {"ok": False, "why": "out of memory" if "OutOfMemory" in tail else f"failed: {tail}"}
+    result, stderr = harness.run_json_process(cmd, timeout=1800)
+    if result is not None:
+        return result
+    tail = stderr[-400:]
+    return {"ok": False, "why": "out of memory" if "OutOfMemory" in tail else f"failed: {tail}"}
 
 
 def longest(impl: str, folder: str, start: int, maximum: int, resolution: int, options: list[str]) -> tuple[int, dict]:

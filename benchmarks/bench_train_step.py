@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -188,12 +187,11 @@ def main() -> None:
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
             cmd += ["--profile"] if args.profile else []
             cmd += ["--cprofile"] if args.cprofile else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            try:
-                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (json.JSONDecodeError, IndexError):
-                print(f"{impl} failed:\n{proc.stderr[-3000:]}")
+            result, stderr = harness.run_json_process(cmd, timeout=900)
+            if result is None:
+                print(f"{impl} failed:\n{stderr[-3000:]}")
                 continue
+            results[impl] = result
             print(impl, {k: v for k, v in results[impl].items() if k not in ("profile", "cprofile")}, flush=True)
     for impl, r in results.items():
         text = r.pop("cprofile", None)

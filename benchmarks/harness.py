@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import json
 import os
 import statistics
 import subprocess
@@ -118,6 +119,16 @@ def extra_peak_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run_json_process(cmd: list[str], timeout: float) -> tuple[dict | None, str]:
+    """Run one benchmark variant in its own process, whose last line of stdout is its JSON result:
+    (that result, or None when it printed none, and the process's stderr)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    except (json.JSONDecodeError, IndexError):
+        return None, proc.stderr
 
 
 def write_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import bench_train_step  # noqa: E402
+from benchmarks import bench_train_step, harness  # noqa: E402
 
 
 class PhaseMarks:
@@ -172,12 +171,11 @@ def main() -> None:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--warmup", str(args.warmup)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-            try:
-                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (json.JSONDecodeError, IndexError):
-                print(f"{impl} failed:\n{proc.stderr[-3000:]}")
+            result, stderr = harness.run_json_process(cmd, timeout=900)
+            if result is None:
+                print(f"{impl} failed:\n{stderr[-3000:]}")
                 continue
+            results[impl] = result
             summarise(impl, results[impl]["rows"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

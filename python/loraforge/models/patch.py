@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from loraforge.models import attention as _attention
 from loraforge.models.architectures import RULES, AttentionRules, activation_of
 from loraforge.models.base_weight import has_dense_weight
+from loraforge.models.identity_cache import IdentityCache
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
 
 _PATCHED = "_loraforge_patched"
@@ -59,10 +59,10 @@ def _state_key(module: torch.nn.Module) -> tuple | None:
     return tuple(key)
 
 
-# id(module) -> (module ref, state key, projection). A plain dict with a weakref callback rather than
-# torch's WeakIdKeyDictionary (used elsewhere here): its lookup builds a weak reference per call, which
-# doubled this function's cost (8 -> 17 us here) on a path taken ~450 times a step.
-_PROJECTIONS: dict[int, tuple] = {}
+# module -> (state key, projection). An IdentityCache rather than torch's WeakIdKeyDictionary, whose
+# lookup builds a weak reference per call: that doubled this function's cost (8 -> 17 us) on a path
+# taken ~450 times a step.
+_PROJECTIONS = IdentityCache()
 
 
 def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
@@ -75,12 +75,11 @@ def lora_projection(module: torch.nn.Module) -> LoRAProjection | None:
     key = _state_key(module)
     if key is None:
         return _lora_projection(module)
-    cached = _PROJECTIONS.get(id(module))
-    if cached is not None and cached[0]() is module and cached[1] == key:
-        return cached[2]
+    cached = _PROJECTIONS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     projection = _lora_projection(module)
-    ident = id(module)
-    _PROJECTIONS[ident] = (weakref.ref(module, lambda _: _PROJECTIONS.pop(ident, None)), key, projection)
+    _PROJECTIONS[module] = (key, projection)
     return projection
 
 

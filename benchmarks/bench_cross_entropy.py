@@ -2,7 +2,7 @@
 N=8,192 tokens, H=4,096, V=128,256, bf16): loraforge's fused linear cross-entropy beside plain torch
 (logits = X @ W^T, then F.cross_entropy in fp32), Liger's fused linear cross-entropy and its
 cross-entropy on materialised logits, Apple's Cut Cross-Entropy, and loraforge's cross-entropy on
-materialised logits. Each is timed from X and W to X.grad and W.grad (median ms) with the peak memory
+materialised logits, and Unsloth's fused loss (unsloth_zoo). Each is timed from X and W to X.grad and W.grad (median ms) with the peak memory
 above what the inputs hold (GiB; W.grad, which stays, is part of it), against the matmul limit:
 3 matmuls of 2 N H V FLOPs at the bf16 matmul rate measured in the same run (torch.matmul 8192^3).
 
@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-rows", default="", help="comma-separated chunk sizes to try beside the default")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="also profile one fused step (kernels, stream gaps)")
+    parser.add_argument("--sustained", action="store_true", help="also measure the matmul rate held over ~3 s")
     return parser.parse_args()
 
 
@@ -82,13 +83,29 @@ def implementations(chunk_rows: list[int]) -> dict[str, Callable]:
     impls["torch"] = lambda x, w, t: F.cross_entropy((x @ w.T).float(), t)
     impls.update(optional_baselines())
     impls["loraforge CE on logits"] = lambda x, w, t: cross_entropy(x @ w.T, t, inplace_backward=True)
+    # Unsloth last and imported at its first call: unsloth_zoo patches libraries as it loads, and the
+    # rows above must not run under its patches.
+    impls["unsloth fused"] = lambda x, w, t: unsloth_fused(x, w, t)
+    impls["unsloth fused, 1 GB budget"] = lambda x, w, t: unsloth_fused(x, w, t, target_gb=1)
     return impls
 
 
-def matmul_tflops(size: int = 8192) -> float:
+def unsloth_fused(x, w, t, **budget):
+    """What Unsloth's patched models call for their loss: chunked and torch.compile'd, with a chunk
+    budget from the free GPU memory (its default) or a given one. Targets are already aligned with
+    the rows (shift_labels=False), as for the other rows. Raises ImportError where it is missing."""
+    from unsloth_zoo.fused_losses.cross_entropy_loss import unsloth_fused_ce_loss
+
+    return unsloth_fused_ce_loss(None, x[None], w, None, t[None], shift_labels=False, **budget)
+
+
+def matmul_tflops(size: int = 8192, repeat: int = 30) -> float:
+    """bf16 matmul rate of 8192^3 products: a short burst by default (the limit's rate); with a large
+    `repeat`, the rate the GPU holds under sustained load, as in a run of fused steps (clocks drop
+    when the card reaches its power limit)."""
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    times = harness.time_cuda(lambda _: torch.mm(a, b), rotations=1, warmup=5, repeat=30)
+    times = harness.time_cuda(lambda _: torch.mm(a, b), rotations=1, warmup=5, repeat=repeat)
     return 2 * size**3 / (harness.median(times) * 1e-6) / 1e12
 
 
@@ -142,8 +159,10 @@ def linear_rows(args, tflops, case) -> list[dict]:
             times = harness.time_cuda(lambda _, step=step: step(), rotations=1, warmup=3, repeat=args.repeat)
             median_us = harness.median(times)
             results[impl] = (median_us, peak_mib, loss)
-            print(f"{impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, loss {loss:.5f}")
-        except (RuntimeError, TypeError, ValueError) as error:  # an OOM or an API mismatch: report, go on
+            spread = ", ".join(f"{t / 1e3:.1f}" for t in times[:3] + times[-3:])
+            print(f"{impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, loss {loss:.5f} "
+                  f"(first and last three: {spread} ms)")  # fmt: skip
+        except (RuntimeError, TypeError, ValueError, ImportError) as error:  # OOM, API drift, missing: go on
             print(f"{impl} failed: {error}")
         x.grad = w.grad = None
         torch.cuda.empty_cache()
@@ -222,6 +241,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_cross_entropy needs a CUDA GPU")
     tflops = matmul_tflops()
+    if args.sustained:
+        # ~3 s of back-to-back products: what the clocks hold after the power limit bites.
+        print(f"bf16 matmul 8192^3 sustained (2,000 products): {matmul_tflops(repeat=2000):.0f} TFLOP/s")
     torch.cuda.empty_cache()
     bandwidth = harness.copy_bandwidth_gbs()
     print(f"bf16 matmul 8192^3: {tflops:.0f} TFLOP/s; copy (read + write): {bandwidth:.0f} GB/s")

@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", type=Path, default=None, help="also write the CSV here")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="keep the random checkpoint in this folder "
+                        "and reuse it when it is there (bench_train_step's --checkpoint writes the same one)")
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -173,8 +175,10 @@ def main() -> None:
 
     tokens = args.generations * args.completion_length
     rows, results = [], {}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
-        write_checkpoint(Path(folder), args.layers)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
+        folder = str(args.checkpoint or scratch)
+        if not (Path(folder) / "config.json").exists():
+            write_checkpoint(Path(folder), args.layers)
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--layers", str(args.layers),
                    "--completion-length", str(args.completion_length), "--generations", str(args.generations),

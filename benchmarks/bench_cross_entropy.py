@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def linear_rows(args, tflops, case) -> list[dict]:
             median_us = harness.median(times)
             results[impl] = (median_us, peak_mib, loss)
             spread = ", ".join(f"{t / 1e3:.1f}" for t in times[:3] + times[-3:])
-            print(f"{impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, loss {loss:.5f} "
+            print(f"{time.strftime('%H:%M:%S')} {impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, loss {loss:.5f} "
                   f"(first and last three: {spread} ms)")  # fmt: skip
         except (RuntimeError, TypeError, ValueError, ImportError) as error:  # OOM, API drift, missing: go on
             print(f"{impl} failed: {error}")

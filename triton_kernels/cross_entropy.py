@@ -93,9 +93,13 @@ def _row_logsumexp(row_ptr, n_cols, logit_scale, softcap, HAS_SOFTCAP: tl.conste
 
 
 @triton.jit
-def _target_logit(row_ptr, target, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z[target], transformed exactly as the row's blocks are (same rounding)."""
-    z, _ = _transformed_logits(tl.load(row_ptr + target), logit_scale, softcap, HAS_SOFTCAP)
+def _target_logit(row_ptr, target, n_cols, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z[target], transformed exactly as the row's blocks are (same rounding). A target outside
+    [0, n_cols) reads nothing (the op's target check, whose verdict the host reads after the launch,
+    raises then), so a bad target can never make the kernel read out of bounds."""
+    in_range = (target >= 0) & (target < n_cols)
+    x = tl.load(row_ptr + tl.where(in_range, target, 0), mask=in_range, other=0.0)
+    z, _ = _transformed_logits(x, logit_scale, softcap, HAS_SOFTCAP)
     return z
 
 
@@ -153,7 +157,7 @@ def _cross_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_p
         tl.store(lse_ptr + row, 0.0)
     else:
         lse = _row_logsumexp(row_ptr, n_cols, logit_scale, softcap, HAS_SOFTCAP, BLOCK)
-        z_target = _target_logit(row_ptr, target, logit_scale, softcap, HAS_SOFTCAP)
+        z_target = _target_logit(row_ptr, target, n_cols, logit_scale, softcap, HAS_SOFTCAP)
         tl.store(loss_ptr + row, lse - z_target)
         tl.store(lse_ptr + row, lse)
 

@@ -358,3 +358,37 @@ def test_backward_allocates_no_weight_sized_tensor(seed):
     assert mode.ops == [], f"backward made weight-sized tensors with {mode.ops}"
     ref = flce.fused_linear_cross_entropy_reference(x.detach(), w.detach(), None, t)
     torch.testing.assert_close(w.grad, ref[2], rtol=1e-5, atol=1e-6)
+
+
+def test_row_kernel_never_reads_a_bad_target_out_of_range(seed):
+    """The target check's verdict is read after the kernels are queued, so the kernel itself must read
+    nothing for a target outside [0, V): the row's loss is then lse - z(0), with no read past the row."""
+    logits = torch.randn(3, 40) * 2
+    expected_lse = torch.logsumexp(logits.double(), dim=1)
+    for bad in (40, 10**6, -7):
+        chunk = logits.clone()
+        targets = torch.tensor([5, bad, 39])
+        loss = torch.empty(3)
+        kernels.cross_entropy_loss_and_grad_(chunk, targets, torch.tensor(1.0), loss, ignore_index=-100,
+                                             logit_scale=1.0, softcap=0.0, write_grad=True, block=16)  # fmt: skip
+        assert torch.allclose(loss[1].double(), expected_lse[1], atol=1e-5)
+        assert torch.allclose(loss[[0, 2]].double(), expected_lse[[0, 2]] - logits[[0, 2], [5, 39]].double(),
+                              atol=1e-5)  # fmt: skip
+        assert torch.isfinite(chunk).all()
+
+
+@pytest.mark.gpu
+def test_cuda_bad_targets_raise_after_launch_and_leave_the_device_usable(seed):
+    x, weight, _, targets = make_inputs(300, 64, 1000, torch.bfloat16)
+    x, weight, targets = x.cuda().requires_grad_(), weight.cuda(), targets.cuda()
+    for bad in (1000, 10**9, -3):
+        wrong = targets.clone()
+        wrong[-1] = bad
+        with pytest.raises(ValueError, match=f"found {bad}"):
+            flce.fused_linear_cross_entropy(x, weight, wrong, chunk_rows=64)
+        with pytest.raises(ValueError, match=f"found {bad}"):
+            ce.cross_entropy((x @ weight.T).detach(), wrong)
+    loss = flce.fused_linear_cross_entropy(x, weight, targets, chunk_rows=64)
+    loss.backward()
+    torch.cuda.synchronize()  # a read out of range would surface here as a CUDA error
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

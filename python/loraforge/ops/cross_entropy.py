@@ -93,15 +93,59 @@ def check_reduction(reduction: str, num_items_in_batch: torch.Tensor | None) -> 
 
 
 def check_target_values(targets: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    """Raise ValueError when a target is neither a class index nor the ignore index. One fused
-    elementwise check; on CUDA it reads one bool back (skipped while a CUDA graph is captured)."""
+    """Raise ValueError when a target is neither a class index nor the ignore index (at once)."""
+    finish_target_check(start_target_check(targets, n_classes, ignore_index))
+
+
+class _PendingTargetCheck:
+    """A CUDA target check under way: its verdict (one bool) is copied to pinned host memory behind an
+    event, so the host can go on launching kernels while the device computes it."""
+
+    def __init__(self, targets: torch.Tensor, n_classes: int, ignore_index: int):
+        self.targets, self.n_classes, self.ignore_index = targets, n_classes, ignore_index
+        any_bad = _bad_targets(targets, n_classes, ignore_index).any()
+        self.verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.verdict.copy_(any_bad, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+
+def _bad_targets(targets, n_classes, ignore_index) -> torch.Tensor:
+    return ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
+
+
+def start_target_check(targets: torch.Tensor, n_classes: int, ignore_index: int):
+    """Begin checking that every target is a class index in [0, n_classes) or the ignore index.
+
+    On CPU the check runs now and raises at once. On CUDA it is queued on the device and
+    `finish_target_check` reads its verdict: called after the op's kernels are launched, it waits
+    only for the check itself (queued first), never for those kernels, so the device does not drain
+    and idle while the host launches them, as a read of the verdict up front (a sync) made it do.
+    The kernels queued in between therefore see the bad targets: ours never read out of range with
+    one (the Triton kernels mask the target's load; the matmuls do not use targets), and the results
+    are dropped when finish_target_check raises. Skipped while a CUDA graph is captured (no host read
+    there). Returns what finish_target_check takes (None when nothing is pending)."""
     if targets.numel() == 0:
+        return None
+    if targets.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        return _PendingTargetCheck(targets, n_classes, ignore_index)
+    _raise_if_bad(targets, n_classes, ignore_index, bool(_bad_targets(targets, n_classes, ignore_index).any()))
+    return None
+
+
+def finish_target_check(pending) -> None:
+    """Raise ValueError if the check begun by start_target_check found a bad target."""
+    if pending is None:
         return
-    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    bad = ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
-    if bool(bad.any()):
-        first = targets[bad][0].item()
+    pending.done.synchronize()
+    _raise_if_bad(pending.targets, pending.n_classes, pending.ignore_index, bool(pending.verdict))
+
+
+def _raise_if_bad(targets, n_classes, ignore_index, found_bad: bool) -> None:
+    if found_bad:
+        first = targets[_bad_targets(targets, n_classes, ignore_index)][0].item()
         raise ValueError(f"targets must hold class indices in [0, {n_classes}) or ignore_index={ignore_index}; "
                          f"found {first}")  # fmt: skip
 
@@ -242,13 +286,16 @@ def _forward_cpu(logits, targets, ignore_index, logit_scale, softcap, reduction,
 def forward_triton(logits, targets, ignore_index, logit_scale, softcap, reduction, num_items_in_batch,
                    inplace_backward=False, block=None):  # fmt: skip
     """The CUDA kernel; also runs on CPU tensors under TRITON_INTERPRET=1 (tests call it so)."""
-    _check_forward(logits, targets, ignore_index, reduction, num_items_in_batch)
+    check_logits_args(logits, targets, ignore_index, reduction, num_items_in_batch)
+    target_check = start_target_check(targets, logits.shape[1], ignore_index)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     loss_rows, lse = _kernels().cross_entropy_forward(
         logits, targets, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, block=block
     )
-    return reduce_loss(loss_rows, targets, ignore_index, reduction, num_items_in_batch), lse
+    loss = reduce_loss(loss_rows, targets, ignore_index, reduction, num_items_in_batch)
+    finish_target_check(target_check)
+    return loss, lse
 
 
 def _forward_cuda(logits, targets, ignore_index, logit_scale, softcap, reduction, num_items_in_batch, inplace_backward):

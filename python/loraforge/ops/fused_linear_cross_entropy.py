@@ -49,7 +49,8 @@ Chunk size: by default the chunk's logits take CHUNK_BYTES (256 MiB): 1,024 rows
 bf16 head, so that dW (0.98 GiB) + dX (64 MiB at 8k x 4k) + the chunk stay under 1.3 GiB. Larger
 chunks cost memory and save time: each chunk's dW update reads and writes all of dW (2 GB in bf16,
 ~0.7 ms on an H100), and 1,024 rows still keep the three matmuls large. `chunk_rows` overrides it.
-The target check (ops/cross_entropy.py) reads one bool back from the device per call.
+The target check (ops/cross_entropy.py) is queued first and its verdict read after the chunk loop is
+launched, so the host never waits for the device before launching (no drain of the device's queue).
 
 Every row's loss and gradient depend on that row alone, and with num_items_in_batch = n every row is
 scaled by 1/n, so micro-batches (each given the whole batch's n) accumulate to the full batch's
@@ -67,6 +68,8 @@ from loraforge.ops.cross_entropy import (
     check_reduction,
     check_target_values,
     check_targets,
+    finish_target_check,
+    start_target_check,
     cpu_row_block,
     grad_coefficient,
     is_traced,
@@ -217,7 +220,7 @@ def chunked_forward(x, weight, bias, targets, ignore_index, logit_scale, softcap
     """The op's kernel on any device (see the module docstring); `loss_and_grad_chunk_` is the
     per-chunk step: torch on CPU, Triton on CUDA (tests pass the Triton one on CPU tensors)."""
     _check_args(x, weight, bias, targets, ignore_index, reduction, num_items_in_batch, chunk_rows)
-    check_target_values(targets, weight.shape[0], ignore_index)
+    target_check = start_target_check(targets, weight.shape[0], ignore_index)  # read at the end: no sync here
     n_rows, vocab = x.shape[0], weight.shape[0]
     needs_grad_bias = needs_grad_bias and bias is not None
     write_grad = needs_grad_x or needs_grad_weight or needs_grad_bias
@@ -265,6 +268,7 @@ def chunked_forward(x, weight, bias, targets, ignore_index, logit_scale, softcap
     elif grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     grad_b = grad_b.to(x.dtype) if needs_grad_bias else _empty(x)
+    finish_target_check(target_check)
     return loss, grad_x, grad_w, grad_b
 
 

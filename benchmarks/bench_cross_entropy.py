@@ -95,6 +95,7 @@ def unsloth_fused(x, w, t, **budget):
     """What Unsloth's patched models call for their loss: chunked and torch.compile'd, with a chunk
     budget from the free GPU memory (its default) or a given one. Targets are already aligned with
     the rows (shift_labels=False), as for the other rows. Raises ImportError where it is missing."""
+    import unsloth  # noqa: F401  (unsloth_zoo refuses to import without it)
     from unsloth_zoo.fused_losses.cross_entropy_loss import unsloth_fused_ce_loss
 
     return unsloth_fused_ce_loss(None, x[None], w, None, t[None], shift_labels=False, **budget)

@@ -2,7 +2,7 @@
 (CUDA-graph replay), each against the bytes it must move at the copy rate measured in the same run.
 Used to choose the defaults in triton_kernels/{rmsnorm,rope}.py; not a benchmark of record.
 
-    python benchmarks/sweep_kernels.py [rmsnorm] [rope] [fused_ce] [--out DIR] [--budget-s S]
+    python benchmarks/sweep_kernels.py [rmsnorm] [rope] [fused_ce] [ce_row] [--out DIR] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -269,6 +269,30 @@ def sweep_rope(bandwidth: float) -> list[dict]:
     return out
 
 
+def sweep_ce_row(bandwidth: float) -> list[dict]:
+    """The fused CE's row kernel (loss, then the gradient over the logits) on one default chunk,
+    1,024 x 128,256 bf16 logits, by BLOCK and warps: it must read the chunk twice and write it once."""
+    from loraforge.triton_kernels import fused_linear_cross_entropy as kernels
+
+    rows, vocab = 1024, 128256
+    chunks = [torch.randn(rows, vocab, device=DEVICE, dtype=torch.bfloat16) for _ in range(ROT)]
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    loss, coef = torch.empty(rows, device=DEVICE), torch.ones((), device=DEVICE)
+    limit_us = 3 * rows * vocab * 2 / (bandwidth * 1e9) * 1e6
+    out = []
+    for block, warps in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16, 32)):
+        if block // (32 * warps) < 4 or block // (32 * warps) > 64:  # values a thread holds
+            continue
+
+        def call(i, block=block, warps=warps):
+            kernels.cross_entropy_loss_and_grad_(chunks[i], targets, coef, loss, ignore_index=-100, logit_scale=1.0,
+                                                 softcap=0.0, block=block, warps=warps)  # fmt: skip
+
+        us = timed(call)
+        out.append({"kernel": "ce_row", "block": block, "warps": warps, "us": us, "fraction": limit_us / us})
+    return out
+
+
 def profile_fused_ce(bandwidth: float) -> list[dict]:
     """Peak extra memory and kernel time by kernel of one forward + backward of the fused linear CE
     (8,192 x 4,096 x 128,256 bf16, trainable head), for a few chunk sizes."""
@@ -332,7 +356,7 @@ def main() -> None:
         if name == "rmsnorm":  # prints its own tables
             save(name, sweep_rmsnorm(bandwidth, args.budget_s, lambda rows: save("rmsnorm", rows)))
             continue
-        save(name, {"rope": sweep_rope, "fused_ce": profile_fused_ce}[name](bandwidth))
+        save(name, {"rope": sweep_rope, "fused_ce": profile_fused_ce, "ce_row": sweep_ce_row}[name](bandwidth))
         for row in sorted(results[name], key=lambda r: -r.get("fraction", r.get("fraction_bcast", 0))):
             print(json.dumps({key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}))
 

@@ -47,7 +47,8 @@ def _fused_linear_cross_entropy_fwd_kernel(logits_ptr, row_stride, targets_ptr, 
 
 def cross_entropy_loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
                                  loss_out: torch.Tensor, *, ignore_index: int, logit_scale: float, softcap: float,
-                                 write_grad: bool = True, block: int | None = None) -> None:  # fmt: skip
+                                 write_grad: bool = True, block: int | None = None,
+                                 warps: int | None = None) -> None:  # fmt: skip
     """Per-row losses into loss_out (fp32 [n]); with write_grad, d loss_row / d logits * coef over
     `logits` (a chunk [n, V] with unit column stride). coef: 0-d fp32 on the device."""
     n_rows, n_cols = logits.shape
@@ -57,5 +58,5 @@ def cross_entropy_loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, co
     cap, has_cap = _softcap_args(softcap)
     _fused_linear_cross_entropy_fwd_kernel[(n_rows,)](
         logits, logits.stride(0), targets, loss_out, coef, n_cols, ignore_index, float(logit_scale), cap,
-        HAS_SOFTCAP=has_cap, WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps(block),
+        HAS_SOFTCAP=has_cap, WRITE_GRAD=write_grad, BLOCK=block, num_warps=warps or num_warps(block),
     )  # fmt: skip

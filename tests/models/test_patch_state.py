@@ -104,3 +104,61 @@ def test_generate_without_a_mask_matches_the_unpatched_model(lora_layer):
             causal_lm.forward = forward
     model.train()
     assert torch.equal(patched, stock)
+
+
+def _same_plain_answer(layer):
+    cached, fresh = lora_projection(layer), _lora_projection(layer)
+    if fresh is None:
+        return cached is None
+    return cached is not None and cached.base is fresh.base and cached.A is None and cached.has_bias == fresh.has_bias
+
+
+def test_a_projection_without_lora_is_cached_and_follows_its_layer():
+    """A projection PEFT did not target (a plain Linear) is cached too: a base that starts training, a
+    replaced weight or a new bias must each give a fresh answer."""
+    layer = torch.nn.Linear(8, 4, bias=False).requires_grad_(False)
+    first = lora_projection(layer)
+    assert first is not None and first.A is None and not first.has_bias
+    assert lora_projection(layer) is first
+
+    layer.weight.requires_grad_(True)
+    assert lora_projection(layer) is None and _same_plain_answer(layer)
+    layer.weight.requires_grad_(False)
+    assert lora_projection(layer) is not None
+
+    layer.weight = torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)
+    assert lora_projection(layer) is not first and _same_plain_answer(layer)
+
+    layer.bias = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    assert lora_projection(layer).has_bias and _same_plain_answer(layer)
+    layer.bias = None
+    assert not lora_projection(layer).has_bias and _same_plain_answer(layer)
+
+
+def test_a_weight_quantized_in_place_is_seen():
+    """bitsandbytes quantizes a Params4bit in place (same object) when it first moves: an answer made
+    before (PEFT's path: not yet NF4) must not outlive it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    weight = layer.weight
+    assert lora_projection(layer) is None
+    layer.to("cpu")  # quantizes
+    assert layer.weight is weight
+    proj = lora_projection(layer)
+    assert proj is not None and proj.nf4 and _same_plain_answer(layer)
+
+
+def test_facts_of_the_base_follow_a_replaced_bias(lora_layer):
+    """LoRAProjection reads has_bias once: a bias added to the base must give a new projection."""
+    _, layer = lora_layer
+    base = layer.get_base_layer()
+    if base.bias is not None:
+        pytest.skip("the tiny model's projection has a bias already")
+    assert not lora_projection(layer).has_bias
+    base.bias = torch.nn.Parameter(torch.zeros(base.out_features), requires_grad=False)
+    try:
+        assert lora_projection(layer).has_bias and _same_answer(layer)
+    finally:
+        base.bias = None
+    assert not lora_projection(layer).has_bias and _same_answer(layer)

@@ -5,6 +5,12 @@ bitsandbytes Linear4bit (QLoRA); `has_dense_weight` tells those apart from layer
 not W (bitsandbytes' 8-bit Linear8bitLt), which keep their own forward. For the fused LoRA functions we need W [out, in] in the compute
 dtype for one matmul and then drop it: NF4 weights are dequantized by loraforge's kernel (bit for
 bit what bitsandbytes would give) each time they are used, never stored dense.
+
+Host time: these run ~2,000 times a training step of an 8B model, whose step is bound by the host.
+bitsandbytes' Params4bit defines __torch_function__, so every tensor property read on it (.data,
+.requires_grad, .is_cuda, .data_ptr()) runs that Python function: ~3.5 us a read against ~0.2 us on a
+plain tensor. The packed codes are therefore read once per call as a plain tensor (`packed_codes`),
+and `layer.weight` from the layer's parameter dict (nn.Module.__getattr__ costs ~1 us a read).
 """
 
 from __future__ import annotations
@@ -14,10 +20,25 @@ import torch
 from loraforge import nf4
 
 
-def _quant_state(layer: torch.nn.Module):
+def layer_weight(layer: torch.nn.Module):
+    """`layer.weight` (None when it has none), from the parameter dict where it is registered there (a
+    weight that is not, such as torch.nn.utils.parametrize's property, through getattr)."""
+    weight = layer._parameters.get("weight")
+    return weight if weight is not None else getattr(layer, "weight", None)
+
+
+def packed_codes(weight: torch.Tensor) -> torch.Tensor:
+    """`weight.data` as a plain tensor, read without the weight's own __torch_function__ (Params4bit's)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return weight.data
+
+
+def _quant_state(layer: torch.nn.Module, weight=None):
     """The layer's NF4 QuantState: on its Params4bit weight, or on the layer itself when FSDP2 has
-    re-assembled the weight as a plain parameter (the packed bytes, without the Params4bit wrapper)."""
-    weight = getattr(layer, "weight", None)
+    re-assembled the weight as a plain parameter (the packed bytes, without the Params4bit wrapper).
+    `weight`: layer_weight(layer) when the caller has it already."""
+    if weight is None:
+        weight = layer_weight(layer)
     state = getattr(weight, "quant_state", None)
     if state is None and type(layer).__name__ == "Linear4bit":
         state = getattr(layer, "quant_state", None)
@@ -55,9 +76,10 @@ class _CudaDequantCall:
     training step is bound by the host). Valid while the packed weight and its statistics are the
     same tensors at the same addresses; checked on every call (`matches`)."""
 
-    __slots__ = ("key", "pointers", "n", "blocksize", "shape", "device")
+    __slots__ = ("key", "pointers", "n", "blocksize", "shape", "device", "launch", "stream_handle", "dtype_codes")
 
     def __init__(self, packed: torch.Tensor, state):
+        from loraforge import _core, _native  # bound here, not imported per call (~1 us each time)
         from loraforge.ops import nf4 as nf4_ops
 
         state2 = state.state2
@@ -68,6 +90,8 @@ class _CudaDequantCall:
         self.key = self._key(packed, state)
         self.pointers = (packed_bytes.data_ptr(), *nf4_ops._nested_pointers(*args[1:], state2.blocksize))
         self.blocksize, self.shape, self.device = state.blocksize, shape, packed.device
+        self.launch, self.stream_handle = _core.nf4_dequantize_nested_cuda, _native.stream_handle
+        self.dtype_codes = _native.DTYPE_CODES
 
     @staticmethod
     def _key(packed: torch.Tensor, state) -> tuple:
@@ -79,12 +103,10 @@ class _CudaDequantCall:
         return self._key(packed, state) == self.key
 
     def __call__(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        from loraforge import _core, _native
-
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
-        _core.nf4_dequantize_nested_cuda(*self.pointers, self.n, self.blocksize, out.data_ptr(),
-                                         _native.DTYPE_CODES[dtype], _native.stream_handle(self.device))  # fmt: skip
+        self.launch(*self.pointers, self.n, self.blocksize, out.data_ptr(), self.dtype_codes[dtype],
+                    self.stream_handle(self.device))  # fmt: skip
         return out
 
 
@@ -93,10 +115,11 @@ _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _fast_cuda_dequant(layer: torch.nn.Module, packed: torch.Tensor, state, dtype: torch.dtype, out=None):
     """W through the cached direct call, or None where it does not apply (CPU, not double-quantized,
-    another current device, torch.compile tracing, a bitsandbytes CPU layout)."""
+    another current device, torch.compile tracing, a bitsandbytes CPU layout). packed: the plain tensor
+    of the codes (packed_codes)."""
     if not packed.is_cuda or not state.nested or dtype not in _FAST_DTYPES or torch.compiler.is_compiling():
         return None
-    if packed.device.index != torch.cuda.current_device() or getattr(state, "quant_type", None) != "nf4":
+    if packed.get_device() != torch.cuda.current_device() or getattr(state, "quant_type", None) != "nf4":
         return None
     call = layer.__dict__.get("_loraforge_dequant")
     if call is None or not call.matches(packed, state):
@@ -114,27 +137,30 @@ def _fast_cuda_dequant(layer: torch.nn.Module, packed: torch.Tensor, state, dtyp
 
 
 def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W of `layer` as a [out, in] tensor of `dtype` (a view for nn.Linear of that dtype)."""
-    state = _quant_state(layer)
-    if state is not None:
-        fast = _fast_cuda_dequant(layer, layer.weight.data, state, dtype)
-        if fast is not None:
-            return fast
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks weights for its AVX-512 CPU inference path; its own
-            # dequantization knows that layout, ours does not.
-            import bitsandbytes.functional as F
+    """W of `layer` as a [out, in] tensor of `dtype` (the weight itself for an nn.Linear of that dtype)."""
+    weight = layer_weight(layer)
+    state = _quant_state(layer, weight)
+    if state is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)  # (Tensor.to costs ~1 us even as a no-op)
+    packed = packed_codes(weight)
+    fast = _fast_cuda_dequant(layer, packed, state, dtype)
+    if fast is not None:
+        return fast
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks weights for its AVX-512 CPU inference path; its own
+        # dequantization knows that layout, ours does not.
+        import bitsandbytes.functional as F
 
-            return F.dequantize_4bit(layer.weight.data, state).to(dtype)
-        return nf4.dequantize(layer.weight.data, state, out_dtype=dtype)
-    return layer.weight.to(dtype)
+        return F.dequantize_4bit(packed, state).to(dtype)
+    return nf4.dequantize(packed, state, out_dtype=dtype)
 
 
 def dequantize_into(layer: torch.nn.Module, out: torch.Tensor) -> None:
     """Write W of an NF4 `layer` into `out` (contiguous, W's number of elements, the compute dtype):
     straight from the kernel on CUDA, through a temporary elsewhere."""
-    state = _quant_state(layer)
-    if out.is_contiguous() and _fast_cuda_dequant(layer, layer.weight.data, state, out.dtype, out) is not None:
+    weight = layer_weight(layer)
+    state = _quant_state(layer, weight)
+    if out.is_contiguous() and _fast_cuda_dequant(layer, packed_codes(weight), state, out.dtype, out) is not None:
         return
     out.copy_(dense_weight(layer, out.dtype).view(out.shape))
 

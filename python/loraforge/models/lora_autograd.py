@@ -62,7 +62,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from loraforge.models import stacked_lora
-from loraforge.models.base_weight import base_bias, dense_weight
+from loraforge.models.base_weight import base_bias, dense_weight, is_linear4bit
 from loraforge.models.identity_cache import IdentityCache
 from loraforge.ops import swiglu as swiglu_ops
 
@@ -76,7 +76,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype; t itself when it is already (a dtype check is ~0.1 us, Tensor.to ~1.3 us even when it
     changes nothing, and the fused functions make ~1,000 such casts a step of an 8B model)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -87,7 +87,19 @@ def no_autocast(x: torch.Tensor):
     when it is off already: entering torch.autocast costs ~5 us, ~300 times a step)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # holds no state: one serves every call
+
+
+def autocast_off(x: torch.Tensor):
+    """(compute_dtype(x), no_autocast(x)) with one look at the autocast state (each ~0.5 us, and the
+    fused functions ask in every forward and backward)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
+    return x.dtype, _NO_CONTEXT
 
 
 def adapter_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -160,21 +172,28 @@ def adapter_grad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: fl
 
 
 class LoRAProjection:
-    """What the fused functions need of one PEFT LoRA-wrapped Linear: base layer, A, B, scaling."""
+    """What the fused functions need of one PEFT LoRA-wrapped Linear: base layer, A, B, scaling.
 
-    __slots__ = ("base", "A", "B", "scaling")
+    Also what they ask of the base on every call, read once here: whether its weight is NF4 (stacked_lora
+    stacks those), whether it has a bias, its output size. patch.lora_projection builds a new one
+    whenever the base's weight or bias is replaced, so these stay true for as long as one is in use."""
+
+    __slots__ = ("base", "A", "B", "scaling", "nf4", "has_bias", "out_features")
 
     def __init__(self, base: torch.nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float):
         self.base, self.A, self.B, self.scaling = base, A, B, scaling
+        self.nf4 = is_linear4bit(base)
+        self.has_bias = base_bias(base) is not None
+        self.out_features = getattr(base, "out_features", None)
 
 
 def _forward(proj: LoRAProjection, x: torch.Tensor) -> torch.Tensor:
-    y = x @ dense_weight(proj.base, x.dtype).t()
-    bias = base_bias(proj.base)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
+    dtype = x.dtype
+    y = x @ dense_weight(proj.base, dtype).t()
+    if proj.has_bias:
+        y = y + cast(base_bias(proj.base), dtype)
     if proj.A is not None:
-        y = y.addmm_((x @ adapter_in(proj.A, x.dtype).t()), adapter_in(proj.B, x.dtype).t(), alpha=proj.scaling)
+        y = y.addmm_((x @ adapter_in(proj.A, dtype).t()), adapter_in(proj.B, dtype).t(), alpha=proj.scaling)
     return y
 
 
@@ -203,9 +222,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, proj: LoRAProjection):
-        dtype = compute_dtype(x)
-        with no_autocast(x):
-            xc = _cast(x, dtype)
+        dtype, autocast = autocast_off(x)
+        with autocast:
+            xc = cast(x, dtype)
             ctx.proj, ctx.x_dtype = proj, x.dtype
             ctx.save_for_backward(xc)
             return _forward(proj, _flat(xc)).view(*x.shape[:-1], -1)
@@ -214,8 +233,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         with no_autocast(x):
-            dx, da, db = _backward(ctx.proj, _flat(x), _cast(_flat(dy), x.dtype), None)
-            return _cast(dx.view_as(x), ctx.x_dtype), da, db, None
+            dx, da, db = _backward(ctx.proj, _flat(x), cast(_flat(dy), x.dtype), None)
+            return cast(dx.view_as(x), ctx.x_dtype), da, db, None
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -223,34 +242,37 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qA, qB, kA, kB, vA, vB, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
-        dtype = compute_dtype(x)
-        with no_autocast(x):
-            xc = _cast(x, dtype)
-            ctx.projs, ctx.x_dtype = (q, k, v), x.dtype
+        dtype, autocast = autocast_off(x)
+        with autocast:
+            xc = cast(x, dtype)
+            projs = (q, k, v)
+            ctx.projs, ctx.x_dtype = projs, x.dtype
             ctx.save_for_backward(xc)
             flat = _flat(xc)
-            ctx.stacked = stacked_lora.stackable((q, k, v))
+            shape = (*x.shape[:-1], -1)
+            ctx.stacked = stacked_lora.stackable(projs)
             if ctx.stacked:  # one [n, q+k+v] product; q, k, v are column views of it
-                y = stacked_lora.stacked_forward((q, k, v), flat)
-                return tuple(t.view(*x.shape[:-1], -1) for t in y.split(stacked_lora.out_sizes((q, k, v)), dim=1))
-            return tuple(_forward(p, flat).view(*x.shape[:-1], -1) for p in (q, k, v))
+                y = stacked_lora.stacked_forward(projs, flat)
+                yq, yk, yv = y.split(stacked_lora.out_sizes(projs), dim=1)
+                return yq.view(shape), yk.view(shape), yv.view(shape)
+            return _forward(q, flat).view(shape), _forward(k, flat).view(shape), _forward(v, flat).view(shape)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (x,) = ctx.saved_tensors
         with no_autocast(x):
             flat = _flat(x)
-            grads_out = [_cast(_flat(d), x.dtype) for d in (dq, dk, dv)]
+            grads_out = [cast(_flat(d), x.dtype) for d in (dq, dk, dv)]
             if ctx.stacked:
                 dx, grads_a, grads_b = stacked_lora.stacked_backward(ctx.projs, flat, torch.cat(grads_out, dim=1))
                 grads = [g for pair in zip(grads_a, grads_b) for g in pair]
-                return (_cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None)
+                return (cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None)
             dx = None
             grads = []
             for proj, dy in zip(ctx.projs, grads_out):
                 dx, da, db = _backward(proj, flat, dy, dx)
                 grads += [da, db]
-            return (_cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None)
+            return (cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None)
 
 
 # The MLP runs in token chunks when its whole [n, 2 I] G/U buffer would exceed twice this (module
@@ -402,9 +424,9 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gA, gB, uA, uB, dA, dB, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
                 activation: str):  # fmt: skip
-        dtype = compute_dtype(x)
-        with no_autocast(x):
-            xc = _cast(x, dtype)
+        dtype, autocast = autocast_off(x)
+        with autocast:
+            xc = cast(x, dtype)
             flat = _flat(xc)
             ctx.stacked = stacked_lora.stackable((gate, up))
             ctx.chunk_rows = mlp_chunk_rows(flat.shape[0], up.base.out_features, dtype)
@@ -430,11 +452,11 @@ class LoRAMLPFunction(torch.autograd.Function):
             (x,) = ctx.saved_tensors
             with no_autocast(x):
                 dx, *grads = _chunked_mlp_backward(ctx.projs, ctx.stacked, ctx.activation, _flat(x),
-                                                   _flat(_cast(dout, x.dtype)), ctx.chunk_rows)  # fmt: skip
-                return _cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None, None
+                                                   _flat(cast(dout, x.dtype)), ctx.chunk_rows)  # fmt: skip
+                return cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None, None
         x, g, u = ctx.saved_tensors
         with no_autocast(x):
-            return LoRAMLPFunction._backward(ctx, x, g, u, _cast(dout, x.dtype))
+            return LoRAMLPFunction._backward(ctx, x, g, u, cast(dout, x.dtype))
 
     @staticmethod
     def _backward(ctx, x, g, u, dout):
@@ -465,7 +487,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         if gu is not None:  # gu now holds [dG | dU]
             dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu,
                                                                             weight_at_once=False)  # fmt: skip
-            return _cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
+            return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)
-        return _cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
+        return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None

@@ -36,26 +36,53 @@ def _trainable_base(base: torch.nn.Module) -> bool:
     return any(getattr(t, "requires_grad", False) for t in (getattr(base, "weight", None), getattr(base, "bias", None)))
 
 
+def _base_key(base: torch.nn.Module) -> tuple:
+    """What `_lora_projection` reads of a base layer: which weight and bias it holds, whether they train,
+    and its NF4 statistics (bitsandbytes quantizes a Params4bit in place when it first moves to the GPU)."""
+    parameters = base._parameters
+    weight, bias = parameters.get("weight"), parameters.get("bias")
+    # Read past bitsandbytes' Params4bit.__torch_function__, which made `requires_grad` cost ~3.5 us.
+    with torch._C.DisableTorchFunctionSubclass():
+        trains = (weight is not None and weight.requires_grad, bias is not None and bias.requires_grad)
+    quant_states = id(_own(weight, "quant_state")), id(_own(base, "quant_state"))
+    return id(base), id(weight), id(bias), trains, quant_states
+
+
+def _own(obj, name: str):
+    """obj's own attribute `name`, None when it has none or obj is None (an absent one costs ~2 us
+    through nn.Module.__getattr__, e.g. the `p` of an Identity dropout)."""
+    return None if obj is None else obj.__dict__.get(name)
+
+
+def _parameter(module: torch.nn.Module | None, name: str):
+    return None if module is None else module._parameters.get(name)
+
+
 def _state_key(module: torch.nn.Module) -> tuple | None:
     """Everything `_lora_projection`'s answer depends on, read straight from instance dicts (no
     nn.Module.__getattr__): which adapters are active, merged or disabled, each active adapter's
-    weights, scaling and dropout, and the base layer's weights and whether they train. None for a
-    module that is not a plain PEFT LoRA layer (those are examined on every call)."""
+    weights, scaling and dropout, and the base layer's weights and whether they train; for a layer
+    without LoRA (a projection that PEFT did not target), its own weights. None for a module of
+    another shape (those are examined on every call)."""
     state = module.__dict__
     children = state.get("_modules")
-    base = children.get("base_layer") if children else None
-    if base is None or "lora_A" not in children or "_active_adapter" not in state:
+    if children is None:
+        return None
+    base = children.get("base_layer")
+    if base is None:
+        no_lora = "lora_A" not in children and "lora_A" not in state
+        return _base_key(module) if no_lora and "weight" in module._parameters else None
+    if "lora_A" not in children or "_active_adapter" not in state:
         return None
     active = state["_active_adapter"]
     active = tuple(active) if isinstance(active, (list, tuple)) else (active,)
-    weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
-    key = [id(base), id(weight), getattr(weight, "requires_grad", None), id(bias), getattr(bias, "requires_grad", None),
-           state.get("_disable_adapters"), len(state.get("merged_adapters") or ()), active]  # fmt: skip
+    key = [_base_key(base), state.get("_disable_adapters"), len(state.get("merged_adapters") or ()), active]
+    lora_a, lora_b, dropouts = (children[kind]._modules for kind in ("lora_A", "lora_B", "lora_dropout"))
+    scaling, use_dora = state.get("scaling") or {}, state.get("use_dora") or {}
     for name in active:
-        parts = [children[kind]._modules.get(name) for kind in ("lora_A", "lora_B", "lora_dropout")]
-        key += [id(part) for part in parts]
-        key += [id(getattr(part, "_parameters", {}).get("weight")) for part in parts[:2]]
-        key += [getattr(parts[2], "p", None), state.get("scaling", {}).get(name), state.get("use_dora", {}).get(name)]
+        a, b, dropout = lora_a.get(name), lora_b.get(name), dropouts.get(name)
+        key += (id(a), id(b), id(dropout), id(_parameter(a, "weight")), id(_parameter(b, "weight")),
+                id(_parameter(b, "bias")), _own(dropout, "p"), scaling.get(name), use_dora.get(name))  # fmt: skip
     return tuple(key)
 
 
@@ -110,18 +137,23 @@ def _fused_linear_forward(self, x, *args, **kwargs):
     proj = lora_projection(self)
     if proj is None or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
-    A = proj.A if proj.A is not None else None
-    B = proj.B if proj.B is not None else None
-    result = LoRALinearFunction.apply(x, A, B, proj)
-    return result
+    return LoRALinearFunction.apply(x, proj.A, proj.B, proj)
+
+
+def child(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """module.<name> for a submodule, from the module dict (nn.Module.__getattr__ costs ~1 us a read)."""
+    found = module._modules.get(name)
+    return found if found is not None else getattr(module, name)
 
 
 def _make_mlp_forward(names: tuple[str, str, str], activation: str):
+    gate_name, up_name, down_name = names
+
     def forward(self, x):
-        projs = [lora_projection(getattr(self, name)) for name in names]
-        if any(p is None for p in projs):
+        gate, up = lora_projection(child(self, gate_name)), lora_projection(child(self, up_name))
+        down = lora_projection(child(self, down_name))
+        if gate is None or up is None or down is None:
             return type(self).forward(self, x)
-        gate, up, down = projs
         return LoRAMLPFunction.apply(x, gate.A, gate.B, up.A, up.B, down.A, down.B, gate, up, down, activation)
 
     return forward

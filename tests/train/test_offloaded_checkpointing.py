@@ -84,3 +84,21 @@ def test_offloaded_layer_inputs_leave_the_gpu(seed):
     assert held <= 3 * per_input, f"{held / per_input:.1f} layer inputs' worth still on the GPU"
     (h.float() ** 2).mean().backward()
     assert x.grad is not None and all(p.grad is not None for b in blocks for p in b.parameters())
+
+
+def test_current_stream_objects_follow_the_current_stream(monkeypatch):
+    """_current_stream keeps one Stream object per (device, raw stream handle): the same object while
+    that stream is current, another as soon as another stream is made current (torch.cuda.stream(...)),
+    or for another device. The CUDA calls are stood in for, so this runs without a GPU."""
+    current = {"handle": 11}
+    monkeypatch.setattr(oc, "_RAW_STREAM", lambda index: current["handle"])
+    monkeypatch.setattr(oc, "_STREAM_OBJECTS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: (index, current["handle"], object()))
+    first = oc._current_stream(torch.device("cuda", 0))
+    assert first[:2] == (0, 11) and oc._current_stream(torch.device("cuda", 0)) is first
+    current["handle"] = 12  # another stream made current
+    second = oc._current_stream(torch.device("cuda", 0))
+    assert second[:2] == (0, 12)
+    current["handle"] = 11
+    assert oc._current_stream(torch.device("cuda", 0)) is first
+    assert oc._current_stream(torch.device("cuda", 1))[:2] == (1, 11)  # the same handle on another device

@@ -64,6 +64,13 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5.24's name, and
 ATTENTION_SPLIT_TOKENS = int(os.environ.get("LORAFORGE_ATTENTION_SPLIT_TOKENS", "0") or 0)
 
 
+def submodule(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """module.<name> for a submodule, read from the module dict (nn.Module.__getattr__ costs ~1 us a
+    read, and the fused forwards read their projections at every call)."""
+    found = module._modules.get(name)
+    return found if found is not None else getattr(module, name)
+
+
 def module_functions(module: torch.nn.Module) -> tuple[Callable, Callable] | None:
     """(eager_attention_forward, apply_rotary_pos_emb) of the transformers file that defines `module`'s
     class, or None when that file lacks them or the forward's signature is not the one we reproduce."""
@@ -112,6 +119,13 @@ def _split_by_kv_head(module, query: torch.Tensor, key: torch.Tensor, attention_
     return module.config._attn_implementation == "sdpa" and kv_heads > 1 and heads % kv_heads == 0
 
 
+def _has_cache(kwargs: dict) -> bool:
+    for name in _CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return True
+    return False
+
+
 def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Callable, lora_projection: Callable):
     """The forward described in the module docstring, for one architecture's rule.
 
@@ -119,16 +133,17 @@ def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Calla
     lora_projection: patch.lora_projection (a module -> LoRAProjection or None)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
-        stock = args or position_embeddings is None or any(kwargs.get(n) is not None for n in _CACHE_ARGUMENTS)
-        projs = None if stock else [lora_projection(m) for m in (self.q_proj, self.k_proj, self.v_proj)]
-        if projs is None or any(p is None for p in projs):
+        q_p = k_p = v_p = None
+        if not (args or position_embeddings is None or _has_cache(kwargs)):
+            q_p, k_p = lora_projection(submodule(self, "q_proj")), lora_projection(submodule(self, "k_proj"))
+            v_p = lora_projection(submodule(self, "v_proj"))
+        if q_p is None or k_p is None or v_p is None:
             return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         for name in _CACHE_ARGUMENTS:  # None here; the stock forward names it, so it never reaches the backend
             kwargs.pop(name, None)
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q_p, k_p, v_p = projs
         query, key, value = LoRAQKVFunction.apply(hidden_states, q_p.A, q_p.B, k_p.A, k_p.B, v_p.A, v_p.B,
                                                   q_p, k_p, v_p)  # fmt: skip
         query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)

@@ -19,6 +19,7 @@ import torch
 
 from loraforge.models import attention as _attention
 from loraforge.models.architectures import RULES, AttentionRules, activation_of
+from loraforge.models.attention import submodule
 from loraforge.models.base_weight import has_dense_weight
 from loraforge.models.identity_cache import IdentityCache
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
@@ -54,8 +55,11 @@ def _own(obj, name: str):
     return None if obj is None else obj.__dict__.get(name)
 
 
-def _parameter(module: torch.nn.Module | None, name: str):
-    return None if module is None else module._parameters.get(name)
+_NO_PARAMETERS: dict = {}
+
+
+def _parameters(module: torch.nn.Module | None) -> dict:
+    return _NO_PARAMETERS if module is None else module._parameters
 
 
 def _state_key(module: torch.nn.Module) -> tuple | None:
@@ -77,12 +81,14 @@ def _state_key(module: torch.nn.Module) -> tuple | None:
     active = state["_active_adapter"]
     active = tuple(active) if isinstance(active, (list, tuple)) else (active,)
     key = [_base_key(base), state.get("_disable_adapters"), len(state.get("merged_adapters") or ()), active]
-    lora_a, lora_b, dropouts = (children[kind]._modules for kind in ("lora_A", "lora_B", "lora_dropout"))
+    lora_a, lora_b = children["lora_A"]._modules, children["lora_B"]._modules
+    dropouts = children["lora_dropout"]._modules
     scaling, use_dora = state.get("scaling") or {}, state.get("use_dora") or {}
     for name in active:
         a, b, dropout = lora_a.get(name), lora_b.get(name), dropouts.get(name)
-        key += (id(a), id(b), id(dropout), id(_parameter(a, "weight")), id(_parameter(b, "weight")),
-                id(_parameter(b, "bias")), _own(dropout, "p"), scaling.get(name), use_dora.get(name))  # fmt: skip
+        a_parameters, b_parameters = _parameters(a), _parameters(b)
+        key += (id(a), id(b), id(dropout), id(a_parameters.get("weight")), id(b_parameters.get("weight")),
+                id(b_parameters.get("bias")), _own(dropout, "p"), scaling.get(name), use_dora.get(name))  # fmt: skip
     return tuple(key)
 
 
@@ -140,18 +146,12 @@ def _fused_linear_forward(self, x, *args, **kwargs):
     return LoRALinearFunction.apply(x, proj.A, proj.B, proj)
 
 
-def child(module: torch.nn.Module, name: str) -> torch.nn.Module:
-    """module.<name> for a submodule, from the module dict (nn.Module.__getattr__ costs ~1 us a read)."""
-    found = module._modules.get(name)
-    return found if found is not None else getattr(module, name)
-
-
 def _make_mlp_forward(names: tuple[str, str, str], activation: str):
     gate_name, up_name, down_name = names
 
     def forward(self, x):
-        gate, up = lora_projection(child(self, gate_name)), lora_projection(child(self, up_name))
-        down = lora_projection(child(self, down_name))
+        gate, up = lora_projection(submodule(self, gate_name)), lora_projection(submodule(self, up_name))
+        down = lora_projection(submodule(self, down_name))
         if gate is None or up is None or down is None:
             return type(self).forward(self, x)
         return LoRAMLPFunction.apply(x, gate.A, gate.B, up.A, up.B, down.A, down.B, gate, up, down, activation)

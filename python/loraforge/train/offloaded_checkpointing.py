@@ -42,6 +42,24 @@ from torch.utils.checkpoint import checkpoint
 
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
+
+
+def _current_stream(device: torch.device) -> torch.cuda.Stream:
+    """torch.cuda.current_stream(device), without building a new Stream object at each call (~10 us of
+    host time, three times a layer a step): the current stream's raw handle is read (~0.3 us) and the
+    Stream object made for it the first time is reused. A Stream object holds no resource: it names a
+    stream by its handle, so one made earlier for the same handle is the same stream."""
+    if _RAW_STREAM is None:
+        return torch.cuda.current_stream(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, _RAW_STREAM(index))
+    stream = _STREAM_OBJECTS.get(key)
+    if stream is None:
+        stream = _STREAM_OBJECTS[key] = torch.cuda.current_stream(index)
+    return stream
+
 
 class _Offloaded:
     __slots__ = ("host", "device", "done", "gpu", "prev", "fetched", "fetched_event", "__weakref__")
@@ -49,7 +67,7 @@ class _Offloaded:
     def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
         self.device = tensor.device
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
-        side.wait_stream(torch.cuda.current_stream(tensor.device))
+        side.wait_stream(_current_stream(tensor.device))
         with torch.cuda.stream(side):
             self.host.copy_(tensor, non_blocking=True)
             self.done = torch.cuda.Event()
@@ -64,7 +82,7 @@ class _Offloaded:
         """Start the copy back to the GPU on the side stream (once)."""
         if self.fetched is not None or self.host is None:
             return
-        compute = torch.cuda.current_stream(self.device)
+        compute = _current_stream(self.device)
         side.wait_event(self.done)
         with torch.cuda.stream(side):
             self.fetched = self.host.to(self.device, non_blocking=True)
@@ -73,7 +91,7 @@ class _Offloaded:
         self.fetched.record_stream(compute)
 
     def restore(self, side: torch.cuda.Stream) -> torch.Tensor:
-        compute = torch.cuda.current_stream(self.device)
+        compute = _current_stream(self.device)
         if self.fetched is None:
             compute.wait_event(self.done)
             tensor = self.host.to(self.device, non_blocking=True)
@@ -112,7 +130,9 @@ class _OffloadHooks:
     def pack(self, tensor: torch.Tensor):
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < _MIN_OFFLOAD_BYTES:
             return tensor
-        side = self.streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
+        side = self.streams.get(tensor.device)
+        if side is None:  # (not setdefault: that would make, and drop, a new Stream at every call)
+            side = self.streams[tensor.device] = torch.cuda.Stream(tensor.device)
         last = self.last.get(tensor.device)
         item = _Offloaded(tensor, side, last() if last is not None else None)
         self.last[tensor.device] = weakref.ref(item)

@@ -33,6 +33,10 @@ class ArchitectureRules:
     mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     norm_class: str = ""  # RMSNorm class (q/k norms of Qwen3 included)
     gemma_norm: bool = False  # Gemma's (1 + weight) form, in fp32
+    # The MLP's output goes straight into the residual sum (the layer's output), so a checkpoint's
+    # recompute may skip it (models/backward_recompute.py). Gemma 2 normalises it first: its norm's
+    # backward reads that output.
+    mlp_output_to_residual: bool = True
 
 
 RULES: dict[str, ArchitectureRules] = {
@@ -58,6 +62,7 @@ RULES: dict[str, ArchitectureRules] = {
     ),
     "gemma2": ArchitectureRules(
         mlp_class="Gemma2MLP", activation="gelu_tanh", norm_class="Gemma2RMSNorm", gemma_norm=True,
+        mlp_output_to_residual=False,
         attention=AttentionRules("Gemma2Attention", sliding_window="module", softcap=True),
     ),
 }  # fmt: skip

@@ -49,7 +49,9 @@ dequantized once per call and held for all its chunks (3 x 117 MB for the 8B sha
 path drops each after its matmul). Cost: G and U computed once more, in backward: 4 n H I FLOPs, 2/3
 of the MLP forward's. For the 8B shape with gradient checkpointing that is ~10% of a layer's
 training FLOPs at the threshold (18.7k tokens), less as attention's n^2 grows (~6% at 64k tokens,
-~2% at 300k). Below the threshold (at most 2 MLP_CHUNK_BYTES of G and U: batch 2 x 2,048 tokens of
+~2% at 300k). Under the offloaded checkpoint ("unsloth") that cost is gone: its recompute, whose
+output nothing reads, skips the chunked MLP forward whole (`output_unused`, models/backward_recompute.py),
+and the unchunked one skips its activation and down projection. Below the threshold (at most 2 MLP_CHUNK_BYTES of G and U: batch 2 x 2,048 tokens of
 the 8B shape is far below) the function is exactly the unchunked one above, whose only addition
 is the size comparison (the training step there is bound by the host).
 """
@@ -418,33 +420,46 @@ def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor
     return [dx, *grads]
 
 
+def _unused_output(like: torch.Tensor, shape) -> torch.Tensor:
+    """A stand-in output whose values nobody reads: zeros, one element broadcast (no memory)."""
+    return like.new_zeros(()).expand(shape)
+
+
 class LoRAMLPFunction(torch.autograd.Function):
     """Out = down(act(gate(X)) * up(X)), each projection with LoRA, backward by hand."""
 
     @staticmethod
     def forward(ctx, x, gA, gB, uA, uB, dA, dB, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
-                activation: str):  # fmt: skip
+                activation: str, output_unused: bool = False):  # fmt: skip
+        """output_unused: the caller never reads the output's values, only backpropagates through it (a
+        checkpoint's recompute, models/backward_recompute.py). Then only what backward saves is computed
+        (G and U; nothing in token chunks, whose backward recomputes them) and the output is a zero
+        broadcast: the activation and the down projection, a quarter of a Llama layer, are skipped.
+        Backward is unchanged: it never reads the forward's Hm or output."""
         dtype, autocast = autocast_off(x)
         with autocast:
             xc = cast(x, dtype)
             flat = _flat(xc)
             ctx.stacked = stacked_lora.stackable((gate, up))
             ctx.chunk_rows = mlp_chunk_rows(flat.shape[0], up.base.out_features, dtype)
+            ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
+            out_shape = (*x.shape[:-1], int(down.base.out_features))
             if ctx.chunk_rows:  # long sequences: in token chunks, X alone saved (module docstring)
-                ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
                 ctx.save_for_backward(xc)
+                if output_unused:
+                    return _unused_output(xc, out_shape)
                 out = _chunked_mlp_forward(ctx.projs, ctx.stacked, activation, flat, ctx.chunk_rows)
-                return out.view(*x.shape[:-1], -1)
+                return out.view(out_shape)
             if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
                 gu = stacked_lora.stacked_forward((gate, up), flat)
                 g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
             else:
                 gu, g, u = None, _forward(gate, flat), _forward(up, flat)
-            h = swiglu_ops.gated_activation(g, u, activation, False)  # grad is off here: the kernel alone
-            out = _forward(down, h)
-            ctx.projs, ctx.activation, ctx.x_dtype = (gate, up, down), activation, x.dtype
             ctx.save_for_backward(xc, gu if ctx.stacked else g, None if ctx.stacked else u)
-            return out.view(*x.shape[:-1], -1)
+            if output_unused:
+                return _unused_output(xc, out_shape)
+            h = swiglu_ops.gated_activation(g, u, activation, False)  # grad is off here: the kernel alone
+            return _forward(down, h).view(out_shape)
 
     @staticmethod
     def backward(ctx, dout):
@@ -453,7 +468,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             with no_autocast(x):
                 dx, *grads = _chunked_mlp_backward(ctx.projs, ctx.stacked, ctx.activation, _flat(x),
                                                    _flat(cast(dout, x.dtype)), ctx.chunk_rows)  # fmt: skip
-                return cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None, None
+                return cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None, None, None
         x, g, u = ctx.saved_tensors
         with no_autocast(x):
             return LoRAMLPFunction._backward(ctx, x, g, u, cast(dout, x.dtype))
@@ -487,7 +502,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         if gu is not None:  # gu now holds [dG | dU]
             dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu,
                                                                             weight_at_once=False)  # fmt: skip
-            return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
+            return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None)
         dx, d_uA, d_uB = _backward(up, flat, du, dx)
-        return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None
+        return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None

@@ -20,6 +20,7 @@ import torch
 from loraforge.models import attention as _attention
 from loraforge.models.architectures import RULES, AttentionRules, activation_of
 from loraforge.models.attention import submodule
+from loraforge.models.backward_recompute import outputs_feed_only_backward
 from loraforge.models.base_weight import has_dense_weight
 from loraforge.models.identity_cache import IdentityCache
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
@@ -146,7 +147,7 @@ def _fused_linear_forward(self, x, *args, **kwargs):
     return LoRALinearFunction.apply(x, proj.A, proj.B, proj)
 
 
-def _make_mlp_forward(names: tuple[str, str, str], activation: str):
+def _make_mlp_forward(names: tuple[str, str, str], activation: str, output_to_residual: bool):
     gate_name, up_name, down_name = names
 
     def forward(self, x):
@@ -154,7 +155,10 @@ def _make_mlp_forward(names: tuple[str, str, str], activation: str):
         down = lora_projection(submodule(self, down_name))
         if gate is None or up is None or down is None:
             return type(self).forward(self, x)
-        return LoRAMLPFunction.apply(x, gate.A, gate.B, up.A, up.B, down.A, down.B, gate, up, down, activation)
+        # In a checkpoint's recompute the output is only summed into the residual: not needed.
+        output_unused = output_to_residual and outputs_feed_only_backward()
+        return LoRAMLPFunction.apply(x, gate.A, gate.B, up.A, up.B, down.A, down.B, gate, up, down, activation,
+                                     output_unused)  # fmt: skip
 
     return forward
 
@@ -211,7 +215,9 @@ def patch_model(model: torch.nn.Module) -> bool:
     count = 0
     for module in model.modules():
         if type(module).__name__ == rules.mlp_class and activation in ("silu", "gelu_tanh", "gelu"):
-            module.forward = types.MethodType(_make_mlp_forward(rules.mlp_projections, activation), module)
+            module.forward = types.MethodType(
+                _make_mlp_forward(rules.mlp_projections, activation, rules.mlp_output_to_residual), module
+            )
             setattr(module, _PATCHED, True)
             count += 1
         if rules.norm_class and type(module).__name__ == rules.norm_class and not _is_marked(module):

@@ -247,6 +247,11 @@ class _CheckpointedLayer(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if cuda:
                     torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            # The rerun's outputs only feed the backward below: layers may skip what nothing reads.
+            # (Imported here: loraforge.models imports this module.)
+            from loraforge.models.backward_recompute import recomputing_for_backward
+
+            stack.enter_context(recomputing_for_backward())
             outputs = ctx.run(*inputs)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
         pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]

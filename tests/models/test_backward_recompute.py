@@ -1,0 +1,91 @@
+"""The offloaded checkpoint's recompute skips the MLP work whose output nothing reads
+(models/backward_recompute.py): gradients stay those of no checkpointing, and the skip happens
+where the architecture sums the MLP output straight into the residual (not Gemma 2)."""
+
+import pytest
+import torch
+
+from loraforge.models import FastLanguageModel
+from loraforge.models import lora_autograd
+from loraforge.models.backward_recompute import outputs_feed_only_backward, recomputing_for_backward
+
+
+def _grads_and_activation_calls(path, mode, seed, monkeypatch):
+    calls = []
+    real = lora_autograd.swiglu_ops.gated_activation
+
+    def counting(*args, **kwargs):
+        calls.append(outputs_feed_only_backward())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_autograd.swiglu_ops, "gated_activation", counting)
+    model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                             use_gradient_checkpointing=mode)  # fmt: skip
+    model.train()
+    batch = tokenizer(["Snow is white and cold.", "Grass is green."], return_tensors="pt", padding=True)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    monkeypatch.undo()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return grads, calls, model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("arch, skips", [("llama", True), ("qwen3", True), ("gemma2", False)])
+@pytest.mark.parametrize("chunked", (False, True))
+def test_recompute_skips_unread_mlp_work_and_keeps_gradients(saved_models, arch, skips, chunked, seed, monkeypatch):
+    if chunked:  # token chunks of 3 rows: the chunked MLP path
+        monkeypatch.setattr(lora_autograd, "MLP_CHUNK_BYTES", 1)
+        monkeypatch.setattr(lora_autograd, "mlp_chunk_rows", lambda n, i, dtype: 3 if n > 3 else 0)
+    plain, plain_calls, layers = _grads_and_activation_calls(saved_models[arch], False, seed, monkeypatch)
+    if chunked:
+        monkeypatch.setattr(lora_autograd, "mlp_chunk_rows", lambda n, i, dtype: 3 if n > 3 else 0)
+    ours, calls, _ = _grads_and_activation_calls(saved_models[arch], "unsloth", seed, monkeypatch)
+    for name in plain:
+        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+    # The forward runs the activation as often as without checkpointing; the recompute adds the same
+    # again only where its output is read (Gemma 2), and then it runs marked as a recompute.
+    assert len(plain_calls) >= layers and not any(plain_calls)
+    if skips:
+        assert calls == plain_calls
+    else:
+        assert len(calls) == 2 * len(plain_calls) and sum(calls) == len(plain_calls)
+
+
+def test_flag_is_scoped_and_nests():
+    assert not outputs_feed_only_backward()
+    with recomputing_for_backward():
+        assert outputs_feed_only_backward()
+        with recomputing_for_backward():
+            assert outputs_feed_only_backward()
+        assert outputs_feed_only_backward()
+    assert not outputs_feed_only_backward()
+    with pytest.raises(KeyError), recomputing_for_backward():
+        raise KeyError
+    assert not outputs_feed_only_backward()
+
+
+def test_mlp_function_output_unused_saves_the_same_and_returns_zeros(seed):
+    """Called directly: the same gradients whether the output was computed or skipped."""
+    from loraforge.models.lora_autograd import LoRAMLPFunction, LoRAProjection
+
+    h, i = 16, 40
+    gate, up, down = (torch.nn.Linear(a, b, bias=False) for a, b in ((h, i), (h, i), (i, h)))
+    adapters = [torch.randn(4, a, requires_grad=True) for a in (h, h, i)]
+    adapters_b = [torch.randn(b, 4, requires_grad=True) for b in (i, i, h)]
+    projs = [LoRAProjection(m, a, b, 0.5) for m, a, b in zip((gate, up, down), adapters, adapters_b)]
+    x = torch.randn(2, 5, h)
+    dout = torch.randn(2, 5, h)
+    grads = []
+    for unused in (False, True):
+        xi = x.clone().requires_grad_()
+        params = [t for pair in zip(adapters, adapters_b) for t in pair]
+        out = LoRAMLPFunction.apply(xi, *params, *projs, "silu", unused)
+        assert out.shape == (2, 5, h)
+        if unused:
+            assert not out.any() and out.stride() == (0, 0, 0)
+        out.backward(dout)
+        grads.append([xi.grad.clone()] + [p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    for computed, skipped in zip(*grads):
+        assert torch.equal(computed, skipped)

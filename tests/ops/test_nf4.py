@@ -43,7 +43,7 @@ def _equal(a, b):
 
 
 def assert_same_state(ours, theirs):
-    assert _equal(ours.absmax, theirs.absmax)
+    assert _equal(ours.absmax, theirs.absmax), "absmax: " + _first_diff(ours.absmax, theirs.absmax)
     assert ours.blocksize == theirs.blocksize and ours.dtype == theirs.dtype and ours.shape == theirs.shape
     assert _equal(ours.code, theirs.code) and ours.quant_type == theirs.quant_type == "nf4"
     assert ours.nested == theirs.nested
@@ -227,16 +227,36 @@ def test_cuda_matches_bitsandbytes_cuda_and_our_cpu(seed, dtype, compress):
             packed, state = loraforge.nf4.quantize(w, blocksize=blocksize, compress_statistics=compress)
             theirs_packed, theirs = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=compress,
                                                     quant_type="nf4")  # fmt: skip
-            assert torch.equal(packed, theirs_packed), (blocksize, shape)
+            where = f"blocksize {blocksize}, shape {shape}"
+            assert torch.equal(packed, theirs_packed), f"packed bytes vs bitsandbytes CUDA, {where}: " + _first_diff(
+                packed, theirs_packed, w)
             assert_same_state(state, theirs)
             cpu_packed, _ = loraforge.nf4.quantize(w.cpu(), blocksize=blocksize, compress_statistics=compress)
-            assert torch.equal(packed.cpu(), cpu_packed)
+            assert torch.equal(packed.cpu(), cpu_packed), f"packed bytes vs our CPU, {where}: " + _first_diff(
+                packed.cpu(), cpu_packed, w)
             for out_dtype in DTYPES:
                 ours = loraforge.nf4.dequantize(packed, state, out_dtype=out_dtype)
-                assert torch.equal(ours, F.dequantize_4bit(theirs_packed, theirs).to(out_dtype)
-                                   if out_dtype == dtype else bnb_dequantize_flat(theirs_packed, theirs, out_dtype))
+                theirs_out = (F.dequantize_4bit(theirs_packed, theirs).to(out_dtype) if out_dtype == dtype
+                              else bnb_dequantize_flat(theirs_packed, theirs, out_dtype))  # fmt: skip
+                assert torch.equal(ours, theirs_out), f"dequantized to {out_dtype} vs bitsandbytes, {where}: " + (
+                    _first_diff(ours, theirs_out))
                 cpu_state = _state_to(state, "cpu")
-                assert torch.equal(ours.cpu(), loraforge.nf4.dequantize(packed.cpu(), cpu_state, out_dtype=out_dtype))
+                cpu_out = loraforge.nf4.dequantize(packed.cpu(), cpu_state, out_dtype=out_dtype)
+                assert torch.equal(ours.cpu(), cpu_out), f"dequantized to {out_dtype} vs our CPU, {where}: " + (
+                    _first_diff(ours.cpu(), cpu_out))
+
+
+def _first_diff(a, b, source=None) -> str:
+    """Where two tensors first differ, for a failure message (with the input element(s) behind it)."""
+    if a.shape != b.shape:
+        return f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    flat_a, flat_b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
+    where = (flat_a != flat_b) & ~(flat_a.isnan() & flat_b.isnan()) if a.is_floating_point() else flat_a != flat_b
+    i = int(where.nonzero()[0]) if where.any() else -1
+    text = f"{int(where.sum())} differ; first at {i}: {flat_a[i].item()!r} vs {flat_b[i].item()!r}"
+    if source is not None and i >= 0:
+        text += f"; input {source.reshape(-1)[2 * i : 2 * i + 2].tolist()}"  # the two elements of that byte
+    return text
 
 
 def _state_to(state, device):

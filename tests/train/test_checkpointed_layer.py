@@ -176,3 +176,15 @@ def test_an_input_changed_in_place_after_the_layer_is_caught(seed):
     x.add_(1.0)  # the recompute would now see another input
     with pytest.raises(RuntimeError, match="modified in place"):
         out.sum().backward()
+
+
+def test_layer_of_reads_both_transformers_partials():
+    """transformers up to 5.2x checkpoints partial(layer's super().__call__, **kw); 5.24 and later
+    partial(Class.forward, layer, **kw). Both must name the layer (dropout detection, cache release)."""
+    import functools
+
+    layer = torch.nn.Linear(2, 2)
+    assert oc._layer_of(functools.partial(layer.forward, extra=1)) is layer
+    assert oc._layer_of(functools.partial(torch.nn.Linear.forward, layer, extra=1)) is layer
+    assert oc._layer_of(functools.partial(torch.nn.functional.relu, torch.zeros(1))) is None
+    assert oc._layer_of(lambda x: x) is None

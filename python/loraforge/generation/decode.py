@@ -108,12 +108,12 @@ def cached_tensors(causal_lm: torch.nn.Module) -> list[torch.Tensor]:
     model's parameters. A captured step reads them by address; the session holds them so that a cache
     entry replaced meanwhile (say, by a forward in another dtype) is not freed under the graph. Their
     values cannot go stale without `model_state_key` changing."""
-    from loraforge.models.lora_autograd import _ADAPTER_CASTS
+    from loraforge.models.lora_autograd import ADAPTER_CASTS
     from loraforge.models.stacked_lora import _STACKED_ADAPTERS
 
     held = []
     for param in causal_lm.parameters():
-        for cache in (_ADAPTER_CASTS, _STACKED_ADAPTERS):
+        for cache in (ADAPTER_CASTS, _STACKED_ADAPTERS):
             entry = cache.get(param)
             if entry is not None:
                 held.extend(t for t in entry[1:] if isinstance(t, torch.Tensor))

@@ -30,6 +30,12 @@ class IdentityCache:
         # The callback runs when obj dies, before its id can be reused by another object.
         entries[ident] = (weakref.ref(obj, lambda _ref: entries.pop(ident, None)), value)
 
+    def pop(self, obj) -> None:
+        """Forget obj's entry, if it has one."""
+        entry = self._entries.get(id(obj))
+        if entry is not None and entry[0]() is obj:
+            del self._entries[id(obj)]
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -109,23 +109,25 @@ def adapter_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bf16/fp16; the cast is made once per optimizer step (kept on the parameter, keyed by its version
     counter, which every in-place update bumps) instead of at each of the forward, recompute and
     backward uses: ~1,300 fewer small ops per step of an 8B model, whose step is bound by the host.
-    Costs one compute-dtype copy of the adapters (84 MB at r=16 on all projections of an 8B model)."""
+    Costs one compute-dtype copy of the adapters (84 MB at r=16 on all projections of an 8B model); under
+    the offloaded checkpoint a layer's copies are dropped once its backward is done
+    (stacked_lora.release_adapter_caches)."""
     if weight.dtype == dtype:
         return weight
     if torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return weight.to(dtype)  # traced graphs, and wrapper subclasses (FSDP2's DTensor): no cache
     key = (weight._version, weight.data_ptr(), dtype, optimizer_steps())
-    cached = _ADAPTER_CASTS.get(weight)
+    cached = ADAPTER_CASTS.get(weight)
     if cached is not None and cached[0] == key:
         return cached[1]
     cast = weight.detach().to(dtype)
-    _ADAPTER_CASTS[weight] = (key, cast)
+    ADAPTER_CASTS[weight] = (key, cast)
     return cast
 
 
 # Keyed by the parameter object, held weakly: kept off the parameter itself so that pickling a
 # module never carries the copies along.
-_ADAPTER_CASTS = IdentityCache()
+ADAPTER_CASTS = IdentityCache()
 
 # The version counter alone is not enough: torch's fused AdamW (transformers Trainer's default,
 # "adamw_torch_fused") writes the parameters without bumping it. So the key also carries a count of

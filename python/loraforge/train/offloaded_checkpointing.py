@@ -168,8 +168,15 @@ _USES_DROPOUT = weakref.WeakKeyDictionary()  # layer -> whether it holds a dropo
 
 
 def _layer_of(function):
-    """The module a transformers checkpoint call runs: partial(<layer's super().__call__>, **kwargs)."""
-    return getattr(getattr(function, "func", function), "__self__", None)
+    """The module a transformers checkpoint call runs: partial(<layer's super().__call__>, **kwargs) up to
+    transformers 5.2x, partial(<the class's forward>, layer, **kwargs) in 5.24 and later (where this
+    returned None, so every layer counted as drawing random numbers and had its RNG state replayed)."""
+    owner = getattr(getattr(function, "func", function), "__self__", None)
+    if owner is None:
+        args = getattr(function, "args", None)
+        if args and isinstance(args[0], torch.nn.Module):
+            owner = args[0]
+    return owner
 
 
 def _uses_dropout(layer: torch.nn.Module | None) -> bool:
@@ -269,6 +276,11 @@ class _CheckpointedLayer(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        layer = _layer_of(ctx.run)
+        if layer is not None:  # its adapters' compute-dtype copies have served their last use this step
+            from loraforge.models.stacked_lora import release_adapter_caches
+
+            release_adapter_caches(p for p in layer.parameters() if p.requires_grad)
         ctx.run = None
         grads_in = (t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants))
         return (None, None, None, None, *grads_in)

@@ -41,7 +41,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
-_MAX_IN_FLIGHT = 2  # offload copies whose GPU tensor may still be held (see _OffloadHooks._reap)
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
@@ -114,16 +113,12 @@ class _OffloadHooks:
         self.in_flight: list[_Offloaded] = []
         self.last: dict[torch.device, weakref.ref] = {}
 
-    def _reap(self, keep: int | None = None) -> None:
-        """Drop GPU references whose host copy has completed, without waiting for the others; then, with
-        `keep`, wait for the oldest copies until at most `keep` are still in flight.
-
-        (Until 2026-12-03 completed items left the queue with their GPU reference still set: every
-        layer input stayed on the GPU until backward, 1 GiB of an 8B step at 2 x 2,048 tokens.) The
-        bound matters because the host runs ahead of the device: each layer the host is ahead keeps one
-        more input on the GPU until its copy is done, and at the loss (the step's peak) that was ~4 of
-        them once the host got faster (+140 MB on the H200, 2026-12-03). Waiting for a copy issued two
-        layers back stalls only a host that is already two layers of GPU work ahead."""
+    def _reap(self) -> None:
+        """Drop GPU references whose host copy has completed, without waiting for the others. (Until
+        2026-12-03 completed items left the queue with their GPU reference still set: every layer input
+        stayed on the GPU until backward, 1 GiB of an 8B step at 2 x 2,048 tokens.) Each layer the host
+        runs ahead of the device keeps one more input here until its copy is done; backward's first
+        restore reaps them all (unpack), before the layers' backward working sets, where the step peaks."""
         pending = []
         for item in self.in_flight:
             if item.gpu is None:
@@ -132,10 +127,6 @@ class _OffloadHooks:
                 item.gpu = None
             else:
                 pending.append(item)
-        while keep is not None and len(pending) > keep:
-            oldest = pending.pop(0)
-            oldest.done.synchronize()
-            oldest.gpu = None
         self.in_flight = pending
 
     def pack(self, tensor: torch.Tensor):
@@ -147,7 +138,7 @@ class _OffloadHooks:
         last = self.last.get(tensor.device)
         item = _Offloaded(tensor, side, last() if last is not None else None)
         self.last[tensor.device] = weakref.ref(item)
-        self._reap(keep=_MAX_IN_FLIGHT - 1)
+        self._reap()
         self.in_flight.append(item)
         return item
 

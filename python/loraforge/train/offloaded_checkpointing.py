@@ -170,6 +170,19 @@ def _layer_of(function):
     return owner
 
 
+_TRAINABLE = weakref.WeakKeyDictionary()  # layer -> weak references to its trainable parameters
+
+
+def _trainable_parameters(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """The layer's parameters that required grad when first asked, listed once (layer.parameters() costs
+    ~0.1 ms a call, once a layer a step in a backward bound by the host). A parameter added or made
+    trainable later is missed: its cached copies are then kept until the next step, as before."""
+    refs = _TRAINABLE.get(layer)
+    if refs is None:
+        refs = _TRAINABLE[layer] = [weakref.ref(p) for p in layer.parameters() if p.requires_grad]
+    return [p for p in (ref() for ref in refs) if p is not None]
+
+
 def _uses_dropout(layer: torch.nn.Module | None) -> bool:
     """Whether recomputing `layer` draws random numbers (then its random state is replayed). Unknown
     callables count as drawing. Decided once per layer: a dropout is set when the model is built."""
@@ -271,7 +284,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         if layer is not None:  # its adapters' compute-dtype copies have served their last use this step
             from loraforge.models.stacked_lora import release_adapter_caches
 
-            release_adapter_caches(p for p in layer.parameters() if p.requires_grad)
+            release_adapter_caches(_trainable_parameters(layer))
         ctx.run = None
         grads_in = (t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants))
         return (None, None, None, None, *grads_in)

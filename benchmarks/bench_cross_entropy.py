@@ -1,9 +1,9 @@
 """Cross-entropy with the lm_head, forward + backward with the head trainable (the issue's case:
 N=8,192 tokens, H=4,096, V=128,256, bf16): loraforge's fused linear cross-entropy beside plain torch
 (logits = X @ W^T, then F.cross_entropy in fp32), Liger's fused linear cross-entropy and its
-cross-entropy on materialised logits, Apple's Cut Cross-Entropy, and loraforge's cross-entropy on
-materialised logits, and Unsloth's fused loss (unsloth_zoo). Each is timed from X and W to X.grad and W.grad (median ms) with the peak memory
-above what the inputs hold (GiB; W.grad, which stays, is part of it), against the matmul limit:
+cross-entropy on materialised logits, Apple's Cut Cross-Entropy, loraforge's cross-entropy on
+materialised logits, and Unsloth's fused loss (unsloth_zoo). Each is timed from X and W to X.grad and
+W.grad (median ms) with the peak memory above what the inputs hold (GiB; W.grad, which stays, is part of it), against the matmul limit:
 3 matmuls of 2 N H V FLOPs at the bf16 matmul rate measured in the same run (torch.matmul 8192^3).
 
 A second table times the cross-entropy alone on precomputed bf16 logits, against the copy limit
@@ -162,8 +162,8 @@ def linear_rows(args, tflops, case, sustained_tflops=None) -> list[dict]:
             median_us = harness.median(times)
             results[impl] = (median_us, peak_mib, loss)
             spread = ", ".join(f"{t / 1e3:.1f}" for t in times[:3] + times[-3:])
-            print(f"{time.strftime('%H:%M:%S')} {impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, loss {loss:.5f} "
-                  f"(first and last three: {spread} ms)")  # fmt: skip
+            print(f"{time.strftime('%H:%M:%S')} {impl}: {median_us / 1e3:.1f} ms, +{peak_mib / 1024:.2f} GiB, "
+                  f"loss {loss:.5f} (first and last three: {spread} ms)")  # fmt: skip
         except (RuntimeError, TypeError, ValueError, ImportError) as error:  # OOM, API drift, missing: go on
             print(f"{impl} failed: {error}")
         x.grad = w.grad = None
@@ -258,7 +258,8 @@ def main() -> None:
     bandwidth = harness.copy_bandwidth_gbs()
     print(f"bf16 matmul 8192^3: {tflops:.0f} TFLOP/s; copy (read + write): {bandwidth:.0f} GB/s")
     case = f"N={args.tokens},H={args.hidden},V={args.vocab},bf16"
-    rows = linear_rows(args, tflops, case, sustained) + logits_only_rows(args, bandwidth, f"N={args.tokens},V={args.vocab},bf16")
+    logits_case = f"N={args.tokens},V={args.vocab},bf16"
+    rows = linear_rows(args, tflops, case, sustained) + logits_only_rows(args, bandwidth, logits_case)
     path = harness.write_rows("cross_entropy", rows, args.out)
     harness.print_table(rows)
     print("written to", path)

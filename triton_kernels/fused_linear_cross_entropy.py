@@ -47,7 +47,8 @@ def _fused_linear_cross_entropy_fwd_kernel(logits_ptr, row_stride, targets_ptr, 
             _store_row_zeros(row_ptr, n_cols, BLOCK)
     else:
         lse = _row_logsumexp(row_ptr, n_cols, logit_scale, softcap, HAS_SOFTCAP, BLOCK)
-        z_target = _target_logit(row_ptr, target, n_cols, logit_scale, softcap, HAS_SOFTCAP)  # before pass 2 overwrites it
+        # (read before pass 2 overwrites the row)
+        z_target = _target_logit(row_ptr, target, n_cols, logit_scale, softcap, HAS_SOFTCAP)
         tl.store(loss_ptr + row, lse - z_target)
         if WRITE_GRAD:
             coef = tl.load(coef_ptr)

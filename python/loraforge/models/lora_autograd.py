@@ -50,10 +50,11 @@ path drops each after its matmul). Cost: G and U computed once more, in backward
 of the MLP forward's. For the 8B shape with gradient checkpointing that is ~10% of a layer's
 training FLOPs at the threshold (18.7k tokens), less as attention's n^2 grows (~6% at 64k tokens,
 ~2% at 300k). Under the offloaded checkpoint ("unsloth") that cost is gone: its recompute, whose
-output nothing reads, skips the chunked MLP forward whole (`output_unused`, models/backward_recompute.py),
-and the unchunked one skips its activation and down projection. Below the threshold (at most 2 MLP_CHUNK_BYTES of G and U: batch 2 x 2,048 tokens of
-the 8B shape is far below) the function is exactly the unchunked one above, whose only addition
-is the size comparison (the training step there is bound by the host).
+output nothing reads, skips the chunked MLP forward whole (`output_unused`,
+models/backward_recompute.py), and the unchunked one skips its activation and down projection.
+Below the threshold (at most 2 MLP_CHUNK_BYTES of G and U: batch 2 x 2,048 tokens of the 8B shape is
+far below) the function is exactly the unchunked one above, whose only addition is the size
+comparison (the training step there is bound by the host).
 """
 
 from __future__ import annotations

@@ -50,6 +50,15 @@ def launcher_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def clean_launcher_env() -> dict[str, str]:
+    """launcher_env() without a launcher's own variables: those of a launch that started pytest itself
+    would leak into the ranks."""
+    env = launcher_env()
+    for name in [k for k in env if k.startswith("ACCELERATE_") or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")]:
+        del env[name]
+    return env
+
+
 def run_launcher(command: list[str], what: str, timeout_s: float, env: dict | None = None,
                  check: bool = True) -> tuple[int, str]:  # fmt: skip
     """Run a launcher command (torchrun, accelerate launch) to completion or kill it; returns

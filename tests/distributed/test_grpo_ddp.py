@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.distributed import _grpo_worker as worker
-from tests.distributed import free_port, launcher_env, requires_gloo, run_launcher
+from tests.distributed import clean_launcher_env, free_port, requires_gloo, run_launcher
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -23,9 +23,7 @@ def grpo_launch(tmp_path_factory):
 
     model_dir = testing.save_tiny_model(tmp_path_factory.mktemp("grpo_ddp") / "tiny_llama", arch="llama", seed=3)
     out = tmp_path_factory.mktemp("grpo_run")
-    env = launcher_env()
-    for name in [k for k in env if k.startswith("ACCELERATE_") or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")]:
-        del env[name]
+    env = clean_launcher_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(Path(worker.__file__)),
                "--model", str(model_dir), "--out", str(out)]  # fmt: skip
@@ -59,6 +57,7 @@ def test_grpo_trains_in_ddp_and_the_ranks_agree(grpo_launch):
 @requires_gloo
 def test_grpo_adapter_is_saved_once_by_rank_0(grpo_launch):
     out, returncode, output = grpo_launch
+    assert returncode == 0, output[-4000:]
     savers = sorted(int(line) for line in (out / "savers.log").read_text().split())
     assert savers == [0], output[-4000:]
     assert [p.parent for p in out.rglob("adapter_model.safetensors")] == [out / "run" / "adapter"]

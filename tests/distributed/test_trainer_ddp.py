@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from tests.distributed import _trainer_worker as worker
-from tests.distributed import free_port, launcher_env, requires_gloo, run_launcher
+from tests.distributed import clean_launcher_env, free_port, requires_gloo, run_launcher
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -61,17 +61,9 @@ def one_process(model_dir, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def _clean_env():
-    # A launcher's own variables in the environment pytest runs in would leak into the ranks.
-    env = launcher_env()
-    for name in [k for k in env if k.startswith("ACCELERATE_") or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")]:
-        del env[name]
-    return env
-
-
 def _launch(kind: str, model_dir: Path, out: Path, mode: str = "trainer", check: bool = True):
     script = [str(WORKER), "--mode", mode, "--model", str(model_dir), "--out", str(out), "--per-device-batch", "2"]
-    env = _clean_env()
+    env = clean_launcher_env()
     if kind == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                    "--master-addr=127.0.0.1", f"--master-port={free_port()}"]  # fmt: skip

@@ -70,15 +70,6 @@ from loraforge.models.identity_cache import IdentityCache
 from loraforge.ops import swiglu as swiglu_ops
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls run in: autocast's when it is on for x's device (mixed-precision
-    training, as TRL/transformers Trainer set it up), else x's own."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype; t itself when it is already (a dtype check is ~0.1 us, Tensor.to ~1.3 us even when it
     changes nothing, and the fused functions make ~1,000 such casts a step of an 8B model)."""
@@ -97,8 +88,9 @@ _NO_CONTEXT = contextlib.nullcontext()  # holds no state: one serves every call
 
 
 def autocast_off(x: torch.Tensor):
-    """(compute_dtype(x), no_autocast(x)) with one look at the autocast state (each ~0.5 us, and the
-    fused functions ask in every forward and backward)."""
+    """(the dtype the matmuls run in, a context with autocast off), with one look at the autocast state
+    (each look ~0.5 us, and the fused functions ask in every forward). The dtype is autocast's when it
+    is on for x's device (mixed-precision training, as TRL/transformers' Trainer set it up), else x's."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
@@ -416,10 +408,8 @@ def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor
             _, grad_h = _input_grad(p, dy, dx_c, add=i == 1)
             _add_adapter_grads(p, x_c, dy, grad_h, grads, 2 * i)
     if stacked and grads[0] is not None:  # the stacked dA rows and the diagonal blocks of dB, per projection
-        (gate, up, _), (grad_a, grad_b) = projs, grads[:2]
-        size, rank = int(gate.base.out_features), gate.A.shape[0]
-        grads[:4] = [grad_a[:rank].to(gate.A.dtype), (grad_b[:size, :rank] * gate.scaling).to(gate.B.dtype),
-                     grad_a[rank:].to(up.A.dtype), (grad_b[size:, rank:] * up.scaling).to(up.B.dtype)]  # fmt: skip
+        (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.per_projection_grads(projs[:2], grads[0], grads[1])
+        grads[:4] = [d_gA, d_gB, d_uA, d_uB]
     return [dx, *grads]
 
 

@@ -136,12 +136,19 @@ def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor 
     grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t(), projs[0].B.dtype)
     grad_a_all = lora_autograd.adapter_grad(grad_h.t(), x, projs[0].A.dtype)
     grad_x.addmm_(grad_h, a)
+    grads_a, grads_b = per_projection_grads(projs, grad_a_all, grad_b_all)
+    return grad_x, grads_a, grads_b
+
+
+def per_projection_grads(projs, grad_a_all: torch.Tensor, grad_b_all: torch.Tensor):
+    """([dA_i], [dB_i]) from the gradients of the stacked A [R, in] and of the block-diagonal Bd [O, R]
+    (scalings not applied): dA_i are row blocks of the first (contiguous views, no copy), dB_i the
+    diagonal blocks of the second times s_i, each in its adapter's dtype."""
     grads_a, grads_b = [], []
     ranks = [p.A.shape[0] for p in projs]
     col = 0
-    # dA_i: row blocks of the stacked dA (contiguous views, no copy); dB_i: the diagonal blocks of dB
-    for proj, grad_a, rows_b, rank in zip(projs, grad_a_all.split(ranks), grad_b_all.split(sizes), ranks):
+    for proj, grad_a, rows_b, rank in zip(projs, grad_a_all.split(ranks), grad_b_all.split(out_sizes(projs)), ranks):
         grads_a.append(lora_autograd.cast(grad_a, proj.A.dtype))
         grads_b.append(lora_autograd.cast(rows_b.narrow(1, col, rank) * proj.scaling, proj.B.dtype))
         col += rank
-    return grad_x, grads_a, grads_b
+    return grads_a, grads_b

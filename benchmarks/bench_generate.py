@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -132,13 +130,10 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.folder, args)))
         return
     from benchmarks import harness
-    from benchmarks.bench_train_step import write_checkpoint
+    from benchmarks.bench_train_step import checkpoint_folder
 
     results = {}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
-        folder = str(args.checkpoint or scratch)
-        if not (Path(folder) / "config.json").exists():
-            write_checkpoint(Path(folder), args.layers)
+    with checkpoint_folder(args.checkpoint, args.layers) as folder:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--layers", str(args.layers),
                    "--batch", str(args.batch), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),

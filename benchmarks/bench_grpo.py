@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -171,14 +170,11 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.folder, args)))
         return
     from benchmarks import harness
-    from benchmarks.bench_train_step import write_checkpoint
+    from benchmarks.bench_train_step import checkpoint_folder
 
     tokens = args.generations * args.completion_length
     rows, results = [], {}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
-        folder = str(args.checkpoint or scratch)
-        if not (Path(folder) / "config.json").exists():
-            write_checkpoint(Path(folder), args.layers)
+    with checkpoint_folder(args.checkpoint, args.layers) as folder:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--layers", str(args.layers),
                    "--completion-length", str(args.completion_length), "--generations", str(args.generations),

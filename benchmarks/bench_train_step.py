@@ -16,6 +16,7 @@ matmul rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -57,6 +58,17 @@ def write_checkpoint(folder: Path, layers: int) -> None:
     build_tokenizer().save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint, layers: int):
+    """The folder of the 8B-shaped checkpoint the variants load: `checkpoint` when given (written there
+    on first use, so later runs skip the minutes of writing), else a scratch folder removed afterwards."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
+        folder = Path(checkpoint or scratch)
+        if not (folder / "config.json").exists():
+            write_checkpoint(folder, layers)
+        yield str(folder)
 
 
 def bnb_4bit_model(folder: str):
@@ -178,10 +190,7 @@ def main() -> None:
     rate = matmul_tflops()
     limit = rate * 1e12 / (6 * 8.0e9 * args.layers / 32)
     rows = []
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
-        folder = str(args.checkpoint or scratch)
-        if not (Path(folder) / "config.json").exists():
-            write_checkpoint(Path(folder), args.layers)
+    with checkpoint_folder(args.checkpoint, args.layers) as folder:
         results = {}
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),

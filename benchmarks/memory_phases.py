@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -164,10 +162,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.warmup)))
         return
     results = {}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
-        folder = str(args.checkpoint or scratch)
-        if not (Path(folder) / "config.json").exists():
-            bench_train_step.write_checkpoint(Path(folder), args.layers)
+    with bench_train_step.checkpoint_folder(args.checkpoint, args.layers) as folder:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--warmup", str(args.warmup)]  # fmt: skip

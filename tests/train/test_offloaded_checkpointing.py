@@ -91,7 +91,7 @@ def test_current_stream_objects_follow_the_current_stream(monkeypatch):
     that stream is current, another as soon as another stream is made current (torch.cuda.stream(...)),
     or for another device. The CUDA calls are stood in for, so this runs without a GPU."""
     current = {"handle": 11}
-    monkeypatch.setattr(oc, "_RAW_STREAM", lambda index: current["handle"])
+    monkeypatch.setattr(oc, "stream_handle", lambda device: current["handle"])
     monkeypatch.setattr(oc, "_STREAM_OBJECTS", {})
     monkeypatch.setattr(torch.cuda, "current_stream", lambda index: (index, current["handle"], object()))
     first = oc._current_stream(torch.device("cuda", 0))

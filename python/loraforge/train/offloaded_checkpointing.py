@@ -40,9 +40,10 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from loraforge._native import stream_handle
+
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
 
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
 
 
@@ -51,10 +52,8 @@ def _current_stream(device: torch.device) -> torch.cuda.Stream:
     host time, three times a layer a step): the current stream's raw handle is read (~0.3 us) and the
     Stream object made for it the first time is reused. A Stream object holds no resource: it names a
     stream by its handle, so one made earlier for the same handle is the same stream."""
-    if _RAW_STREAM is None:
-        return torch.cuda.current_stream(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, _RAW_STREAM(index))
+    key = (index, stream_handle(device))
     stream = _STREAM_OBJECTS.get(key)
     if stream is None:
         stream = _STREAM_OBJECTS[key] = torch.cuda.current_stream(index)

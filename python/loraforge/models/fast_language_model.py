@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from loraforge.models import loading as _loading
 from loraforge.models import loftq as _loftq
 from loraforge.models import patch as _patch
 from loraforge.models.architectures import RULES
@@ -134,16 +135,21 @@ class FastLanguageModel:
             warnings.warn(f"model_type={config.model_type!r} has no loraforge fast path; it trains through plain PEFT",
                           stacklevel=2)  # fmt: skip
         prequantized = getattr(config, "quantization_config", None) is not None
-        device = "cuda" if torch.cuda.is_available() and device_map is not None else "cpu"
-        placement = {"device_map": device_map} if prequantized and device_map is not None else {}
+        device = _loading.load_device(device_map)
+        placed_map = _loading.transformers_device_map(device_map, device)
+        placement = {"device_map": placed_map} if prequantized and device_map is not None else {}
         if load_in_8bit:
-            placement = _8bit_load_arguments(config, prequantized, device_map, device, kwargs)
+            placement = _8bit_load_arguments(config, prequantized, placed_map, device, kwargs)
+        # A 16-bit checkpoint too big for host memory (once per process here) is quantized as it is read.
+        streamed = load_in_4bit and not prequantized and _loading.stream_quantize(config, compute_dtype)
+        if streamed:
+            placement = _loading.streamed_4bit_arguments(compute_dtype, device, kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             model_name, config=config, dtype=compute_dtype, token=token, trust_remote_code=trust_remote_code,
             **placement, **kwargs,
         )  # fmt: skip
         _loftq.record_checkpoint(model, model_name, kwargs.get("revision"), token, prequantized)
-        if not prequantized and not load_in_8bit:  # 8-bit: quantized and placed by transformers
+        if not (prequantized or load_in_8bit or streamed):  # those: quantized and placed by transformers
             if load_in_4bit:
                 from loraforge.models.quantize_model import quantize_linears
 

@@ -201,7 +201,7 @@ def drive(args) -> list[dict]:
                 print(json.dumps(result), flush=True)
                 results.append(result)
     rows = rows_for(results, args)
-    if args.device == "cuda":  # CPU smoke runs are not results
+    if args.device == "cuda" and not args.no_record:  # CPU smoke runs are not results
         harness.write_rows("multi_gpu", rows, args.out)
     harness.print_table(rows)
     return results
@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="keep the random 4-bit checkpoint here")
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)  # the checkpoint, for the ranks
     parser.add_argument("--out", type=Path, default=None, help="also append the CSV rows under this folder")
+    parser.add_argument("--no-record", action="store_true", help="print the rows only (tests, trial runs)")
     args = parser.parse_args()
     args.shape = args.shape or ("8b" if args.mode == "ddp" else "70b")
     args.gpus = args.gpus or ("1,2,4,8" if args.mode == "ddp" else "2,4,8")

@@ -19,10 +19,10 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 
-def run_bench(mode: str, counts: str, checkpoint: Path) -> list[dict]:
-    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--shape", "tiny", "--mode", mode, "--gpus", counts,
+def run_bench(mode: str, counts: str, checkpoint: Path, device: str = "cpu") -> list[dict]:
+    command = [sys.executable, str(SCRIPT), "--device", device, "--shape", "tiny", "--mode", mode, "--gpus", counts,
                "--seq", "16", "--batch", "1", "--steps", "2", "--warmup", "1", "--timeout", "240",
-               "--checkpoint", str(checkpoint)]  # fmt: skip
+               "--checkpoint", str(checkpoint), "--no-record"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_launcher_env(), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -46,3 +46,15 @@ def test_ddp_and_fsdp2_runs_of_the_benchmark(tmp_path):
     assert ddp[1]["first_loss"] == pytest.approx(fsdp2[0]["first_loss"], abs=1e-5)
     # Smoke runs on CPU are never recorded as results.
     assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
+
+
+@pytest.mark.gpu
+def test_ddp_and_fsdp2_on_one_gpu(tmp_path):
+    """NCCL, our CUDA kernels and FSDP2's all-gathered NF4 weights on one GPU (a world of one): what a
+    multi-GPU run needs first, checkable on the single GPU that is lent. Same numbers both ways."""
+    checkpoint = tmp_path / "random_4bit"
+    ddp = run_bench("ddp", "1", checkpoint, device="cuda")
+    fsdp2 = run_bench("fsdp2", "1", checkpoint, device="cuda")
+    for result in ddp + fsdp2:
+        assert result["peak_gib"] > 0 and result["last_loss"] != result["first_loss"]
+    assert ddp[0]["first_loss"] == pytest.approx(fsdp2[0]["first_loss"], abs=2e-2)  # bf16

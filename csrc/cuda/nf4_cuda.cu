@@ -10,7 +10,8 @@
 // a rounded add, as bitsandbytes computes it with two torch ops.
 //
 // Quantize runs once per weight at load time: one warp per quantization block, a warp-wide max,
-// then each lane packs pairs of elements into bytes.
+// then each lane packs pairs of elements into bytes. It follows bitsandbytes' CUDA kernel, built
+// with fast math (see nf4_quantize_kernel), not nf4.h's IEEE rules, which its CPU path follows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -183,6 +184,34 @@ __global__ void __launch_bounds__(kDequantThreads)
   if (i < n) dequantize_one(packed, source, levels, code2, shifts, i, out);
 }
 
+// bitsandbytes builds its CUDA kernels with --use_fast_math, so its quantizer (kQuantizeBlockwise) runs
+// with flush-to-zero and an approximate reciprocal: absmax = max.ftz(abs.ftz(x)) over the block,
+// r = rcp.approx.ftz(absmax), v = mul.ftz(x, r), for every block, the last, partial one included, and
+// no clamp (an all-zero block gives 0 * inf = NaN, which its decision tree, like nearest_level after
+// our clamp, sends to code 0). These wrappers are those instructions, so that our CUDA bytes are its
+// CUDA bytes. Its CPU path is its default torch kernel instead (IEEE; nf4.h's rules, our CPU kernel):
+// where rcp.approx is one ulp off and x * r lands on the other side of a midpoint, the two differ.
+__device__ __forceinline__ float abs_ftz(float x) {
+  float r;
+  asm("abs.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float max_ftz(float a, float b) {
+  float r;
+  asm("max.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float rcp_approx_ftz(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float mul_ftz(float a, float b) {
+  float r;
+  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 template <typename T>
 __global__ void nf4_quantize_kernel(const T* __restrict__ x, long long n, long long blocksize,
                                     unsigned char* __restrict__ packed, float* __restrict__ absmax,
@@ -194,28 +223,23 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long long n, long l
   const long long end = min(n, begin + blocksize);
 
   float block_max = 0.0f;
-  for (long long i = begin + lane; i < end; i += 32) block_max = fmaxf(block_max, fabsf(Convert<T>::load(x[i])));
+  for (long long i = begin + lane; i < end; i += 32) block_max = max_ftz(block_max, abs_ftz(Convert<T>::load(x[i])));
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, offset));
+    block_max = max_ftz(block_max, __shfl_xor_sync(0xffffffffu, block_max, offset));
   }
-
-  // bitsandbytes multiplies full blocks by a reciprocal but divides the last, partial block.
-  const bool partial = end - begin < blocksize;
-  const float clamped = fmaxf(block_max, nf4::kMinAbsmax);
-  const float reciprocal = __frcp_rn(clamped);
-  if (lane == 0) absmax[block] = partial ? clamped : block_max;
+  const float reciprocal = rcp_approx_ftz(block_max);
+  if (lane == 0) absmax[block] = block_max;
 
   for (long long i = begin + 2 * lane; i < end; i += 64) {
-    int pair[2] = {nf4::kZeroIndex, nf4::kZeroIndex};
+    int pair[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      if (i + k < end) {
-        const float xi = Convert<T>::load(x[i + k]);
-        float v = partial ? __fdiv_rn(xi, clamped) : __fmul_rn(xi, reciprocal);
-        v = fminf(1.0f, fmaxf(-1.0f, v));
-        pair[k] = nf4::nearest_level(v);
-      }
+      // The pad nibble of an odd-length tensor is a quantized 0.0 (bitsandbytes loads zeros past the end).
+      const float xi = i + k < end ? Convert<T>::load(x[i + k]) : 0.0f;
+      float v = mul_ftz(xi, reciprocal);
+      v = fminf(1.0f, fmaxf(-1.0f, v));  // NaN (an all-zero block) becomes -1: code 0, as bitsandbytes
+      pair[k] = nf4::nearest_level(v);
     }
     packed[i / 2] = static_cast<unsigned char>((pair[0] << 4) | pair[1]);
   }

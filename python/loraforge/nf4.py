@@ -6,6 +6,12 @@ offset), and `dequantize` returns exactly what `dequantize_4bit` returns, bit fo
 our C++ (CPU) and CUDA kernels. Weights therefore stay bitsandbytes `Params4bit` and load anywhere
 bitsandbytes does.
 
+"Exactly" is per device, as bitsandbytes itself is: on CPU it quantizes with its torch kernel (IEEE
+arithmetic, the rules in csrc/include/loraforge/nf4.h), on CUDA with a kernel built with fast math (an
+approximate reciprocal, flush-to-zero). The two give different codes for rare elements (where the
+reciprocal is an ulp apart and x / absmax falls on the other side of a midpoint) and for all-zero
+blocks, and our CPU and CUDA kernels follow their own device's bitsandbytes.
+
 With double quantization (`compress_statistics=True`) the fp32 absmax is itself quantized to 8
 bits in blocks of 256 by bitsandbytes' own `quantize_blockwise`: that part is 1/64 of the work,
 and leaving it to bitsandbytes keeps it exact on every device and bitsandbytes version (whose CPU

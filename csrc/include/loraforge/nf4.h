@@ -5,7 +5,8 @@
 // level of x / absmax and packed two per byte, element 2k in the high nibble of byte k and
 // element 2k+1 in the low nibble (a pad of level 7, zero, when n is odd).
 //
-// Rounding rules that bitsandbytes' reference (its default torch kernel) follows and we match:
+// Rounding rules that bitsandbytes' reference (its default torch kernel, what it runs on CPU) follows
+// and our CPU kernel matches (its CUDA quantizer is built with fast math: see nf4_cuda.cu):
 //   full block:  scale = 1 / max(absmax, 1e-38f),  v = clamp(x * scale, -1, 1), stored absmax unclamped
 //   last, partial block:  a = max(absmax, 1e-38f), v = clamp(x / a, -1, 1),     stored absmax = a
 //   index = number of midpoints m_j = (level_j + level_{j+1}) / 2 with m_j < v   (ties go down)

@@ -1,20 +1,25 @@
-"""TRL's vLLM mode with loraforge models (issue 7: "TRL's vLLM mode keeps working where vLLM is installed").
+"""TRL's vLLM modes with loraforge models (issue 7: "TRL's vLLM mode keeps working where vLLM is installed").
 
-vLLM itself needs a GPU and cannot be installed here, so the server is stood in for at TRL's client
-boundary (`VLLMClient`): the stand-in is a plain transformers model loaded from the same checkpoint,
-which takes the weights TRL pushes (by the names vLLM loads them under, as vLLM's `load_weights` does)
-and generates from them, returning the sampled tokens' log-probabilities as a server started with
-`--logprobs-mode processed_logprobs` does. Everything on the trainer's side is TRL's own code: the
-weight sync (PEFT's merge_adapter, the walk over the parameters, unmerge_adapter), the request, the
-importance-sampling correction. What this checks about loraforge:
+vLLM itself needs a GPU and cannot be installed here, so it is stood in for where TRL meets it: the
+`VLLMClient` of server mode, and the `vllm.LLM` / `SamplingParams` of colocate mode (TRL's default).
+Behind both is a plain transformers model loaded from the same checkpoint, which takes the weights TRL
+pushes (by the names vLLM loads them under, as vLLM's `load_weights` does) and samples from them,
+reporting the sampled tokens' log-probabilities as vLLM does with `logprobs_mode="processed_logprobs"`.
+Everything on the trainer's side is TRL's own code: the weight sync (PEFT's merge_adapter, the walk
+over the parameters, unmerge_adapter), the requests, the importance-sampling correction. What this
+checks about loraforge:
 
 * our GRPOTrainer leaves rollouts to vLLM (fast_generate is not used), and training runs through it;
 * the weights pushed are the merged policy (base + scale * B @ A) under their plain transformers names,
   even though our patched forwards cache views of the base weights and the adapters;
 * after the sync the adapters are unmerged and our fused path scores as before: the policy's
-  log-probabilities equal the server's (TRL's `sampling_logp_difference` metric), which fails if the
-  pushed weights are not the policy or if merge/unmerge left a stale cache behind.
+  log-probabilities equal the engine's (TRL's `sampling_logp_difference` metric), which fails if the
+  pushed weights are not the policy or if merge/unmerge left a stale cache behind;
+* 4-bit models train through both modes (colocate starts vLLM with quantization="bitsandbytes").
 """
+
+import os
+import types
 
 import pytest
 import torch
@@ -31,8 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see tests/c
 SCALE = 16 / 8  # lora_alpha / r below
 
 
-class StandInServer:
-    """What TRL's VLLMClient talks to, for one process: weight updates by name, then generation."""
+class StandInEngine:
+    """The model behind both stand-ins: a plain transformers model from the checkpoint, which takes
+    weights by the names vLLM loads them under and samples (seeded), reporting each token's
+    log-probability under the temperature-scaled distribution, as vLLM does in processed_logprobs mode."""
 
     def __init__(self, path, eos_token_id):
         from transformers import AutoModelForCausalLM
@@ -43,7 +50,32 @@ class StandInServer:
         self.generate_calls = 0
         self.generator = torch.Generator().manual_seed(0)
 
-    # The VLLMClient surface TRL's server mode uses.
+    def load(self, named_tensors) -> dict[str, torch.Tensor]:
+        received = {name: tensor.detach().clone() for name, tensor in named_tensors}
+        parameters = dict(self.model.named_parameters())
+        for name, tensor in received.items():
+            if name in parameters and parameters[name].shape == tensor.shape and tensor.is_floating_point():
+                parameters[name].data.copy_(tensor)
+        return received
+
+    @torch.no_grad()
+    def sample(self, prompt, temperature, max_tokens) -> tuple[list[int], list[float]]:
+        ids = torch.tensor([list(prompt)])
+        tokens, logprobs = [], []
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(self.model(ids).logits[0, -1].float() / temperature, -1)
+            token = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            if token == self.eos_token_id:
+                break
+        return tokens, logprobs
+
+
+class StandInServer(StandInEngine):
+    """What TRL's VLLMClient talks to (server mode), for one process."""
+
     def __call__(self, *args, **kwargs):  # stands in for the VLLMClient class: "constructing" returns self
         return self
 
@@ -57,39 +89,69 @@ class StandInServer:
         pass
 
     def update_named_params(self, metadata, named_tensors):
-        received = {}
-        for (name, dtype, shape), (tensor_name, tensor) in zip(metadata, named_tensors, strict=True):
-            assert name == tensor_name and list(tensor.shape) == shape and str(tensor.dtype) == f"torch.{dtype}"
-            received[name] = tensor.detach().clone()
-        parameters = dict(self.model.named_parameters())
-        for name, tensor in received.items():
-            if name in parameters and parameters[name].shape == tensor.shape and tensor.is_floating_point():
-                parameters[name].data.copy_(tensor)
-        self.pushed.append(received)
+        def checked():
+            for (name, dtype, shape), (tensor_name, tensor) in zip(metadata, named_tensors, strict=True):
+                assert name == tensor_name and list(tensor.shape) == shape and str(tensor.dtype) == f"torch.{dtype}"
+                yield name, tensor
 
-    @torch.no_grad()
+        self.pushed.append(self.load(checked()))
+
     def generate(self, prompts, n=1, temperature=1.0, max_tokens=16, **kwargs):
-        """n sampled completions per prompt at `temperature` (seeded), each token with its log-probability
-        under the temperature-scaled distribution, as vLLM reports it."""
         self.generate_calls += 1
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "logprob_token_ids": []}
         for prompt in prompts:
             for _ in range(n):
-                ids = torch.tensor([prompt])
-                tokens, logprobs = [], []
-                for _ in range(max_tokens):
-                    logp = torch.log_softmax(self.model(ids).logits[0, -1].float() / temperature, -1)
-                    token = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
-                    tokens.append(token)
-                    logprobs.append([float(logp[token])])
-                    ids = torch.cat([ids, torch.tensor([[token]])], 1)
-                    if token == self.eos_token_id:
-                        break
+                tokens, logprobs = self.sample(prompt, temperature, max_tokens)
                 out["prompt_ids"].append(list(prompt))
                 out["completion_ids"].append(tokens)
-                out["logprobs"].append(logprobs)
+                out["logprobs"].append([[lp] for lp in logprobs])
                 out["logprob_token_ids"].append([[t] for t in tokens])
         return out
+
+
+class StandInLLM(StandInEngine):
+    """vllm.LLM in TRL's colocate mode: TRL builds one (the class is stood in by a factory returning this
+    object, with the arguments recorded), pushes weights one by one through
+    llm_engine.model_executor.driver_worker.model_runner.model.load_weights, and generates with
+    SamplingParams, reading RequestOutput objects."""
+
+    def __init__(self, path, eos_token_id):
+        super().__init__(path, eos_token_id)
+        self.init_kwargs = None
+        self.sync_buffer: dict[str, torch.Tensor] = {}
+        runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load_weights))
+        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(model_runner=runner)))  # fmt: skip
+
+    def factory(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def _load_weights(self, pairs):
+        self.sync_buffer.update(self.load(pairs))
+
+    def reset_prefix_cache(self):  # TRL calls it once a sync is complete
+        self.pushed.append(dict(self.sync_buffer))
+        self.sync_buffer.clear()
+
+    def generate(self, prompts, sampling_params, use_tqdm=False):
+        self.generate_calls += 1
+        settings = sampling_params.kwargs
+        outputs = []
+        for prompt in prompts:
+            ids = prompt["prompt_token_ids"]
+            completions = []
+            for _ in range(settings.get("n", 1)):
+                tokens, logprobs = self.sample(ids, settings.get("temperature", 1.0), settings["max_tokens"])
+                per_token = [{t: types.SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(tokens, logprobs)]
+                completions.append(types.SimpleNamespace(token_ids=tokens, logprobs=per_token))
+            outputs.append(types.SimpleNamespace(prompt_token_ids=list(ids), outputs=completions))
+        return outputs
+
+
+class StandInSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +183,27 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
     return merged
 
 
-def vllm_trainer(model, tokenizer, tmp_path, monkeypatch, server, **config):
+def stand_in(mode: str, path, tokenizer, monkeypatch):
+    """The stand-in engine for TRL's vLLM `mode`, installed where TRL looks for vLLM."""
     monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *a, **k: True)
-    monkeypatch.setattr(vllm_generation, "VLLMClient", server)
+    if mode == "server":
+        engine = StandInServer(path, tokenizer.eos_token_id)
+        monkeypatch.setattr(vllm_generation, "VLLMClient", engine)
+        return engine
+    engine = StandInLLM(path, tokenizer.eos_token_id)
+    monkeypatch.setattr(vllm_generation, "LLM", engine.factory, raising=False)
+    monkeypatch.setattr(vllm_generation, "SamplingParams", StandInSamplingParams, raising=False)
+    # Colocate mode writes the launcher's variables for vLLM; these restore them afterwards.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, os.environ.get(name, "0"))
+        monkeypatch.delenv(name)
+    return engine
+
+
+def vllm_trainer(model, tokenizer, tmp_path, monkeypatch, mode="server", **config):
     config = {"per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 5,
               "report_to": [], "use_cpu": True, "bf16": False, "save_strategy": "no", "disable_tqdm": True,
-              "logging_steps": 1, "use_vllm": True, "vllm_mode": "server", "beta": 0.0, "learning_rate": 1e-2,
+              "logging_steps": 1, "use_vllm": True, "vllm_mode": mode, "beta": 0.0, "learning_rate": 1e-2,
               "temperature": 0.7, **config}  # fmt: skip
     args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), **config)
     topics = ["cats", "rain", "bread", "trains"]
@@ -147,14 +224,17 @@ def _no_fast_generate(model):
     raise AssertionError("vLLM mode rolled out through fast_generate")
 
 
-def test_vllm_server_mode_pushes_the_merged_policy_and_trains(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["server", "colocate"])
+def test_vllm_mode_pushes_the_merged_policy_and_trains(model_dir, tmp_path, monkeypatch, mode):
     model, tokenizer = policy(model_dir, load_in_4bit=False)
     expected = merged_weights(model)
     bases = {name: module.get_base_layer().weight.detach().clone()
              for name, module in model.named_modules() if hasattr(module, "lora_A")}  # fmt: skip
-    server = StandInServer(model_dir, tokenizer.eos_token_id)
-    trainer = vllm_trainer(model, tokenizer, tmp_path, monkeypatch, server, max_steps=2)
+    server = stand_in(mode, model_dir, tokenizer, monkeypatch)
+    trainer = vllm_trainer(model, tokenizer, tmp_path, monkeypatch, mode, max_steps=2)
     trainer.train()
+    if mode == "colocate":  # TRL built its LLM from the model's own checkpoint, in 16 bits
+        assert server.init_kwargs["model"] == str(model_dir) and server.init_kwargs["quantization"] is None
 
     assert server.generate_calls >= 2 and len(server.pushed) == 2  # a sync before each step's rollout
     first = server.pushed[0]
@@ -180,13 +260,16 @@ def test_vllm_server_mode_pushes_the_merged_policy_and_trains(model_dir, tmp_pat
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
 
 
-def test_vllm_server_mode_trains_a_4bit_model(model_dir, tmp_path, monkeypatch):
-    """QLoRA through TRL's vLLM mode: TRL pushes what PEFT's merge leaves in the 4-bit base (bitsandbytes
-    codes re-quantized with the adapters folded in, as with any PEFT QLoRA model); our trainer runs
-    through it and the step trains."""
+@pytest.mark.parametrize("mode", ["server", "colocate"])
+def test_vllm_mode_trains_a_4bit_model(model_dir, tmp_path, monkeypatch, mode):
+    """QLoRA through TRL's vLLM modes: TRL pushes what PEFT's merge leaves in the 4-bit base (bitsandbytes
+    codes re-quantized with the adapters folded in, as with any PEFT QLoRA model; colocate mode starts
+    vLLM with quantization="bitsandbytes" for it); our trainer runs through it and the step trains."""
     model, tokenizer = policy(model_dir, load_in_4bit=True)
-    server = StandInServer(model_dir, tokenizer.eos_token_id)
-    trainer = vllm_trainer(model, tokenizer, tmp_path, monkeypatch, server, max_steps=1)
+    server = stand_in(mode, model_dir, tokenizer, monkeypatch)
+    trainer = vllm_trainer(model, tokenizer, tmp_path, monkeypatch, mode, max_steps=1)
+    if mode == "colocate":
+        assert server.init_kwargs["quantization"] == "bitsandbytes"
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     assert server.generate_calls >= 1 and len(server.pushed) == 1

@@ -25,7 +25,7 @@ import torch
 
 from loraforge.ops import nf4 as _ops
 
-__all__ = ["quantize", "dequantize", "NESTED_BLOCKSIZE"]
+__all__ = ["quantize", "dequantize", "checkpoint_entries", "transformers_config", "NESTED_BLOCKSIZE"]
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized absmax
 
@@ -161,6 +161,24 @@ def dequantize(packed, quant_state=None, out_dtype: torch.dtype | None = None) -
             quant_state.offset.float().reshape(1), quant_state.blocksize, state2.blocksize, shape, dtype,
         )  # fmt: skip
     return torch.ops.loraforge.nf4_dequantize(packed_bytes, quant_state.absmax.float(), quant_state.blocksize, shape, dtype)
+
+
+def transformers_config(compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for this format (NF4, double quantization, uint8 storage): what a
+    checkpoint of such weights declares, and what makes transformers quantize to it while loading."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)  # fmt: skip
+
+
+def checkpoint_entries(name: str, packed: torch.Tensor, quant_state) -> dict[str, torch.Tensor]:
+    """The safetensors entries transformers writes for one 4-bit weight `name`, on the CPU: the packed
+    codes under `name`, each tensor of its QuantState under `name.<key>`."""
+    entries = {name: packed.cpu()}
+    for key, value in quant_state.as_dict(packed=True).items():
+        entries[f"{name}.{key}"] = value.cpu().contiguous()
+    return entries
 
 
 def packed_as_bytes(packed: torch.Tensor) -> torch.Tensor:

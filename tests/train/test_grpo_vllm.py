@@ -33,7 +33,6 @@ vllm_generation = pytest.importorskip("trl.generation.vllm_generation")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see tests/conftest.py
 
-SCALE = 16 / 8  # lora_alpha / r below
 
 
 class StandInEngine:

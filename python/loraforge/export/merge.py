@@ -116,10 +116,7 @@ def _nf4_entries(tensor: MergedTensor, weight: torch.Tensor, dtype: torch.dtype)
     # Quantized from the weight rounded to the model dtype: exactly what bitsandbytes makes when it
     # loads the merged_16bit checkpoint with load_in_4bit.
     packed, state = nf4.quantize(weight.to(dtype), blocksize=NF4_BLOCKSIZE, compress_statistics=True)
-    entries = {tensor.name: packed.cpu()}
-    for key, value in state.as_dict(packed=True).items():
-        entries[f"{tensor.name}.{key}"] = value.cpu().contiguous()
-    return entries
+    return nf4.checkpoint_entries(tensor.name, packed, state)
 
 
 def _write_config(transformer, directory: Path, dtype: torch.dtype, quantized_4bit: bool) -> None:
@@ -129,12 +126,9 @@ def _write_config(transformer, directory: Path, dtype: torch.dtype, quantized_4b
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if quantized_4bit:
-        from transformers import BitsAndBytesConfig
+        from loraforge import nf4
 
-        config.quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
-        ).to_dict()  # fmt: skip
+        config.quantization_config = nf4.transformers_config(dtype).to_dict()
     config.save_pretrained(directory)
     generation_config = getattr(transformer, "generation_config", None)
     if generation_config is not None:

@@ -102,10 +102,8 @@ def stream_quantize(config, dtype: torch.dtype) -> bool:
 def streamed_4bit_arguments(compute_dtype: torch.dtype, device: str, kwargs: dict) -> dict:
     """from_pretrained arguments that quantize each Linear to NF4 (double quantization, uint8 storage:
     the format loraforge's own quantization writes) as transformers reads it, onto `device`."""
-    from transformers import BitsAndBytesConfig
+    from loraforge import nf4
 
     if "quantization_config" in kwargs:
         raise ValueError("load_in_4bit=True builds its own quantization_config; pass one or the other")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)  # fmt: skip
-    return {"device_map": {"": device}, "quantization_config": quantization}
+    return {"device_map": {"": device}, "quantization_config": nf4.transformers_config(compute_dtype)}

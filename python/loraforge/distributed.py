@@ -222,6 +222,38 @@ def _unsharded_4bit_weight_is_readable(layer: torch.nn.Module) -> bool:
     return got.shape == expected.shape and torch.equal(got, expected)
 
 
+def _storage_dtype(mp_policy) -> torch.dtype:
+    """The float dtype the packed NF4 bytes are held in under FSDP2: the mixed-precision param_dtype
+    (so FSDP2 casts nothing), else bfloat16."""
+    dtype = getattr(mp_policy, "param_dtype", None) or torch.bfloat16
+    if not dtype.is_floating_point:
+        raise ValueError(f"mp_policy.param_dtype must be a floating-point dtype, got {dtype}")
+    return dtype
+
+
+def _hold_packed_as_float(layers: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """Re-view each Linear4bit's packed codes [bytes, 1] as `dtype` [bytes / itemsize, 1], in place:
+    the same memory, the same bytes (nf4.packed_as_bytes reads them back), a dtype FSDP2 can shard."""
+    from loraforge import nf4
+    from loraforge.models.base_weight import packed_codes
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for layer in layers:
+        weight = layer._parameters["weight"]
+        packed = packed_codes(weight)
+        if packed.dtype == dtype:
+            continue
+        raw = nf4.packed_as_bytes(packed)
+        if raw.numel() % itemsize:
+            raise ValueError(f"a 4-bit weight of {raw.numel()} bytes cannot be held as {dtype} for FSDP2 "
+                             f"(needs a multiple of {itemsize} bytes); pass an mp_policy with a 16-bit "
+                             "param_dtype or load with load_in_4bit=False")  # fmt: skip
+        weight.data = raw.view(dtype).reshape(-1, 1)
+        for holder in (weight, layer):  # bitsandbytes' own record of the storage dtype
+            if hasattr(holder, "quant_storage"):
+                holder.quant_storage = dtype
+
+
 FSDP2_4BIT_UNSUPPORTED = (
     "FSDP2 with 4-bit (NF4 Linear4bit) base weights is not supported yet: fully_shard can shard the "
     "packed bytes, but when it all-gathers a layer it replaces each bitsandbytes Params4bit by a "
@@ -247,13 +279,15 @@ def prepare_fsdp2(model: torch.nn.Module, *, layer_classes: set[str] | None = No
     each sharded module into an FSDP subclass) and returned. Build the optimizer afterwards.
     Save adapters with `gather_trainable_state_dict` on every rank, then `save_on_main`.
 
-    4-bit (NF4) base weights: sharding them needs no quant_storage trick here. FSDP2 all-gathers
-    a unit whose parameters differ in dtype as raw bytes (so uint8 packed weights can sit with
-    16/32-bit adapters and norms), and its mixed precision never casts a non-float parameter
-    (bitsandbytes' quant_storage=bfloat16 is for FSDP1's flat parameters, and under FSDP2 would
-    be cast by an mp_policy with another param_dtype). What fails is reading them back: see
-    FSDP2_4BIT_UNSUPPORTED. They raise NotImplementedError unless loraforge's base-weight reader
-    handles the plain parameters FSDP2 puts in their place (`_unsharded_4bit_weight_is_readable`).
+    4-bit (NF4) base weights: their packed bytes are re-viewed as a 16-bit float storage first
+    (`_hold_packed_as_float`, what bitsandbytes calls quant_storage), because FSDP2 before torch
+    2.13 makes every sharded parameter with requires_grad=True, which an integer tensor refuses
+    ("only Tensors of floating point dtype can require gradients", seen with torch 2.11 on an H100).
+    The storage dtype is the mp_policy's param_dtype where one is given, so that mixed precision has
+    nothing to cast (a cast would turn the codes into other bytes). FSDP2 then all-gathers the unit
+    as raw bytes and installs a plain parameter in place of each Params4bit; loraforge's
+    base-weight reader takes the quantization state from the Linear4bit module then. Where it cannot
+    (`_unsharded_4bit_weight_is_readable`) this raises NotImplementedError (FSDP2_4BIT_UNSUPPORTED).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -264,6 +298,8 @@ def prepare_fsdp2(model: torch.nn.Module, *, layer_classes: set[str] | None = No
     quantized = _linear4bit_layers(model)
     if quantized and not _unsharded_4bit_weight_is_readable(quantized[0]):
         raise NotImplementedError(FSDP2_4BIT_UNSUPPORTED)
+    if quantized:
+        _hold_packed_as_float(quantized, _storage_dtype(fully_shard_kwargs.get("mp_policy")))
     classes = layer_classes if layer_classes is not None else _decoder_layer_classes(model)
     layers = [module for module in model.modules() if type(module).__name__ in classes]
     if not layers:

@@ -1,6 +1,7 @@
 """FSDP2 (fully_shard per decoder layer and at the root) on two CPU ranks (gloo) against one
 process on the whole batch: the same loss curve over five AdamW steps, adapters gathered and
-saved once. 4-bit (NF4) base weights: see FSDP2_4BIT_UNSUPPORTED in loraforge.distributed."""
+saved once. 4-bit (NF4) base weights: held in a float storage dtype for FSDP2 (torch 2.11's FSDP2
+cannot shard integer parameters), then sharded and all-gathered as raw bytes."""
 
 import json
 
@@ -68,3 +69,33 @@ def test_fsdp2_adapter_is_gathered_and_saved_once(fsdp2_run):
         # Full tensors, not rank 0's shard.
         assert saved[name.replace(".default", "")].shape == tensor.shape
         torch.testing.assert_close(saved[name.replace(".default", "")], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_packed_4bit_weights_held_as_float_read_back_the_same(tmp_path, dtype):
+    """What prepare_fsdp2 does to the NF4 bases before fully_shard: the same bytes under a float dtype,
+    so every dequantized weight is bit for bit the one before (and the model's loss too)."""
+    from loraforge.models import FastLanguageModel
+    from loraforge.models.base_weight import dense_weight, packed_codes
+    from loraforge.testing import save_tiny_model
+
+    model, _ = FastLanguageModel.from_pretrained(save_tiny_model(tmp_path / "m"), load_in_4bit=True,
+                                                 dtype=torch.float32)  # fmt: skip
+    layers = lfd._linear4bit_layers(model)
+    before = [dense_weight(layer, torch.float32).clone() for layer in layers]
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    loss_before = model(input_ids=ids, labels=ids).loss
+    lfd._hold_packed_as_float(layers, dtype)
+    for layer, expected in zip(layers, before):
+        assert packed_codes(layer.weight).dtype == dtype and layer.weight.quant_storage == dtype
+        assert torch.equal(dense_weight(layer, torch.float32), expected)
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, loss_before)
+
+
+def test_storage_dtype_follows_the_mixed_precision_policy():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    assert lfd._storage_dtype(None) == torch.bfloat16
+    assert lfd._storage_dtype(MixedPrecisionPolicy(param_dtype=torch.float16)) == torch.float16
+    with pytest.raises(ValueError, match="param_dtype"):
+        lfd._storage_dtype(MixedPrecisionPolicy(param_dtype=torch.int8))

@@ -161,6 +161,26 @@ def run_fsdp2(model_path: Path, out: Path, rank: int, world_size: int) -> None:
             torch.save(result, out / f"fsdp2_{mode}.pt")
         if mode == "16bit":
             save_once(model, out / "fsdp2_save", rank, state)
+            if rank == 0:
+                (out / "fsdp2_export_refusals.txt").write_text("\n".join(export_refusals(model, out / "export")))
+
+
+def export_refusals(model, folder: Path) -> list[str]:
+    """What the merged and GGUF exports say about a sharded model (they must refuse, not write pieces)."""
+    from loraforge.export.gguf_convert import save_pretrained_gguf
+    from loraforge.export.merge import save_pretrained_merged
+    from loraforge.testing import build_tokenizer
+
+    said = []
+    for export in (lambda: save_pretrained_merged(model, folder / "merged", None, save_method="merged_16bit"),
+                   lambda: save_pretrained_merged(model, folder / "lora", None, save_method="lora"),
+                   lambda: save_pretrained_gguf(model, folder / "gguf", build_tokenizer(), "f16")):  # fmt: skip
+        try:
+            export()
+            said.append("written")
+        except ValueError as error:
+            said.append(str(error).replace("\n", " "))
+    return said + [f"folder exists: {folder.exists()}"]
 
 
 def save_once(model, folder: Path, rank: int, state_dict=None) -> None:

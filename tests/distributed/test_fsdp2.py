@@ -71,6 +71,14 @@ def test_fsdp2_adapter_is_gathered_and_saved_once(fsdp2_run):
         torch.testing.assert_close(saved[name.replace(".default", "")], tensor, rtol=0, atol=0)
 
 
+@requires_gloo
+def test_exports_refuse_a_sharded_model(fsdp2_run):
+    said = (fsdp2_run / "fsdp2_export_refusals.txt").read_text().splitlines()
+    assert len(said) == 4 and said[-1] == "folder exists: False", said
+    for line, what in zip(said, ("save_pretrained_merged", "save_pretrained_merged", "save_pretrained_gguf")):
+        assert line.startswith(what + ": the model is sharded by FSDP2") and "gather_trainable_state_dict" in line
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_packed_4bit_weights_held_as_float_read_back_the_same(tmp_path, dtype):
     """What prepare_fsdp2 does to the NF4 bases before fully_shard: the same bytes under a float dtype,

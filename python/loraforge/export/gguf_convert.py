@@ -41,7 +41,7 @@ from loraforge.export.gguf_arch import (
 )
 from loraforge.export.gguf_mixes import ModelShape, QuantizationMix, plan_tensor_types, resolve_mixes
 from loraforge.export.gguf_tokenizer import write_tokenizer_metadata
-from loraforge.export.merged_weights import MergedTensor, merged_tensors, transformer_of
+from loraforge.export.merged_weights import MergedTensor, merged_tensors, refuse_sharded, transformer_of
 from loraforge.export.modelfile import modelfile_paths, write_modelfiles
 
 __all__ = [
@@ -269,6 +269,7 @@ def save_pretrained_gguf(
     """
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries the vocabulary")
+    refuse_sharded(model, "save_pretrained_gguf")
     mixes = resolve_mixes(quantization_method)
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():

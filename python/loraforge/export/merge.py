@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from loraforge.export.atomic import atomic_directory, ensure_free_space, refuse_existing_directory
-from loraforge.export.merged_weights import MergedTensor, has_lora, merged_tensors, transformer_of
+from loraforge.export.merged_weights import MergedTensor, has_lora, merged_tensors, refuse_sharded, transformer_of
 
 __all__ = ["SAVE_METHODS", "merged_dtype", "save_pretrained_merged"]
 
@@ -189,6 +189,7 @@ def save_pretrained_merged(
         raise ValueError(f"save_method must be one of {SAVE_METHODS}, got {save_method!r}")
     if not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    refuse_sharded(model, "save_pretrained_merged")
     directory = Path(save_directory)
     refuse_existing_directory(directory, overwrite)
     if save_method == "lora":

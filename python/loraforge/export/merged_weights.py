@@ -30,7 +30,7 @@ import torch
 
 from loraforge.models.base_weight import dense_weight, is_linear4bit
 
-__all__ = ["CheckpointWeights", "MergedTensor", "has_lora", "merged_tensors", "transformer_of"]
+__all__ = ["CheckpointWeights", "MergedTensor", "has_lora", "merged_tensors", "refuse_sharded", "transformer_of"]
 
 
 class CheckpointWeights:
@@ -255,6 +255,19 @@ def _walk(module, module_name: str, source: CheckpointWeights | None = None):
     yield from _plain_tensors(module, prefix, module_name)
     for child_name, child in module.named_children():
         yield from _walk(child, prefix + child_name, source)
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """A model sharded by FSDP2 holds 1/W of each weight per rank (DTensor parameters): an export
+    from it would write one rank's pieces. Refuse, and say what works instead."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            f"{what}: the model is sharded by FSDP2 (its parameters are DTensors), so each rank holds only "
+            "pieces of every weight. Gather the adapters with loraforge.distributed.gather_trainable_state_dict("
+            "model) on every rank and write them once with save_on_main; then load the base model and that "
+            "adapter in one process and export from there")  # fmt: skip
 
 
 def merged_tensors(model: torch.nn.Module, base_checkpoint=None) -> list[MergedTensor]:

@@ -23,7 +23,7 @@ python3 -c "import loraforge; print('cuda kernels built:', loraforge.cuda_kernel
 tests_rc=0
 if [ "${LORAFORGE_GPU_TESTS:-1}" = 1 ]; then
   echo "== GPU tests"
-  python3 -m pytest -q -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$LOGS/gpu_tests.log" | tail -15
+  python3 -m pytest -q -rf -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$LOGS/gpu_tests.log" | tail -15
   tests_rc=${PIPESTATUS[0]}
 fi
 

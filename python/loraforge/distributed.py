@@ -237,7 +237,7 @@ def _hold_packed_as_float(layers: list[torch.nn.Module], dtype: torch.dtype) -> 
     from loraforge import nf4
     from loraforge.models.base_weight import packed_codes
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     for layer in layers:
         weight = layer._parameters["weight"]
         packed = packed_codes(weight)
@@ -296,9 +296,9 @@ def prepare_fsdp2(model: torch.nn.Module, *, layer_classes: set[str] | None = No
     if not _trainable_names(model):
         raise ValueError("the model has no trainable parameters: attach adapters (get_peft_model) before prepare_fsdp2")
     quantized = _linear4bit_layers(model)
-    if quantized and not _unsharded_4bit_weight_is_readable(quantized[0]):
-        raise NotImplementedError(FSDP2_4BIT_UNSUPPORTED)
     if quantized:
+        if not _unsharded_4bit_weight_is_readable(quantized[0]):
+            raise NotImplementedError(FSDP2_4BIT_UNSUPPORTED)
         _hold_packed_as_float(quantized, _storage_dtype(fully_shard_kwargs.get("mp_policy")))
     classes = layer_classes if layer_classes is not None else _decoder_layer_classes(model)
     layers = [module for module in model.modules() if type(module).__name__ in classes]

@@ -187,9 +187,9 @@ __global__ void __launch_bounds__(kDequantThreads)
 // bitsandbytes builds its CUDA kernels with --use_fast_math, so its quantizer (kQuantizeBlockwise) runs
 // with flush-to-zero and an approximate reciprocal: absmax = max.ftz(abs.ftz(x)) over the block,
 // r = rcp.approx.ftz(absmax), v = mul.ftz(x, r), for every block, the last, partial one included, and
-// no clamp (an all-zero block gives 0 * inf = NaN, which its decision tree, like nearest_level after
-// our clamp, sends to code 0). These wrappers are those instructions, so that our CUDA bytes are its
-// CUDA bytes. Its CPU path is its default torch kernel instead (IEEE; nf4.h's rules, our CPU kernel):
+// no clamp (an all-zero block gives 0 * inf = NaN, which its decision tree, like cuda_level_index after
+// our clamp, sends to code 0); its thresholds are kCudaThresholds below, not quite the fp32 midpoints.
+// These wrappers are those instructions, so that our CUDA bytes are its CUDA bytes. Its CPU path is its default torch kernel instead (IEEE; nf4.h's rules, our CPU kernel):
 // where rcp.approx is one ulp off and x * r lands on the other side of a midpoint, the two differ.
 __device__ __forceinline__ float abs_ftz(float x) {
   float r;
@@ -210,6 +210,37 @@ __device__ __forceinline__ float mul_ftz(float a, float b) {
   float r;
   asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
+}
+
+// The 15 decision thresholds of bitsandbytes' CUDA NF4 quantizer, as fp32 bit patterns read from its
+// compiled sm_90 kernel (the immediates of its FSETP.GT chain, bitsandbytes 0.50.2). Four of them are one
+// ulp away from the fp32 midpoints (level_j + level_j+1) / 2 that its CPU path and our CPU kernel use
+// (indices 0 and 8 one ulp further from zero, 12 and 14 one ulp nearer), so a value that lands exactly on
+// one of those midpoints gets a different code on CUDA than on CPU. Counting the thresholds strictly
+// below v gives the same code as its `x > t` tree.
+__device__ constexpr float kCudaThresholds[15] = {
+    -0x1.b239b2p-1f,  // -0.8480964303016663
+    -0x1.38a4e0p-1f,  // -0.6106328964233398
+    -0x1.d70900p-2f,  // -0.4599952697753906
+    -0x1.5bd4ecp-2f,  // -0.33967941999435425
+    -0x1.e079d8p-3f,  // -0.23460739850997925
+    -0x1.1a7178p-3f,  // -0.13791173696517944
+    -0x1.74f0e2p-5f,  // -0.045525018125772476
+    0x1.45f5fep-5f,   // 0.03979014977812767
+    0x1.ec90c6p-4f,   // 0.1202552542090416
+    0x1.a0cfc0p-3f,   // 0.2035212516784668
+    0x1.2b05a8p-2f,   // 0.2920137643814087
+    0x1.8ea7f2p-2f,   // 0.3893125355243683
+    0x1.00da06p-1f,   // 0.5016633868217468
+    0x1.491b5ep-1f,   // 0.6427869200706482
+    0x1.b913b2p-1f,   // 0.8614783883094788
+};
+
+__device__ __forceinline__ int cuda_level_index(float v) {
+  int index = 0;
+#pragma unroll
+  for (int j = 0; j < 15; ++j) index += kCudaThresholds[j] < v ? 1 : 0;
+  return index;
 }
 
 template <typename T>
@@ -239,7 +270,7 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long long n, long l
       const float xi = i + k < end ? Convert<T>::load(x[i + k]) : 0.0f;
       float v = mul_ftz(xi, reciprocal);
       v = fminf(1.0f, fmaxf(-1.0f, v));  // NaN (an all-zero block) becomes -1: code 0, as bitsandbytes
-      pair[k] = nf4::nearest_level(v);
+      pair[k] = cuda_level_index(v);
     }
     packed[i / 2] = static_cast<unsigned char>((pair[0] << 4) | pair[1]);
   }

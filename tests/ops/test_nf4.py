@@ -280,18 +280,33 @@ def _state_to(state, device):
     return moved
 
 
+def _around_midpoints_at_unit_absmax(midpoints: torch.Tensor, ulps: int = 2) -> torch.Tensor:
+    """Each fp32 midpoint and its neighbours up to `ulps` ulps either side, in groups of 31 followed by a
+    1.0, so that every 32-element block (and so every larger one) has absmax 1 and x * (1 / absmax) is x:
+    the quantizer's thresholds are then compared with exactly these values. Padded to 128 elements."""
+    near, up, down = [midpoints], midpoints, midpoints
+    for _ in range(ulps):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        near += [up, down]
+    values = torch.cat(near)
+    groups = [torch.cat([chunk, torch.zeros(31 - chunk.numel()), torch.ones(1)]) for chunk in values.split(31)]
+    out = torch.cat(groups)
+    return torch.cat([out, torch.zeros(-out.numel() % 128)])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_edge_values_match_bitsandbytes_cuda(seed, dtype):
     """Where bitsandbytes' CUDA quantizer (fast math) and its CPU one part ways: all-zero full and
     partial blocks (0 * inf = NaN, code 0), subnormals (flushed to zero), tiny and huge magnitudes,
-    values exactly on levels and midpoints, an odd length (the pad nibble)."""
+    values exactly on levels and midpoints, values within two ulps of each midpoint at absmax 1 (where its
+    compiled thresholds, not quite the fp32 midpoints, decide), an odd length (the pad nibble)."""
     levels = nf4_ops.nf4_levels()
     midpoints = (levels[:-1] + levels[1:]) / 2
     pieces = [torch.zeros(64 * 3), torch.full((64,), 0.37), torch.randn(64) * 1e-30, torch.randn(64) * 1e30,
               torch.randn(64) * 1e-40, torch.cat([levels, -levels, levels * 0.5, levels * 3.0]),
               torch.cat([midpoints, torch.tensor([1.0]), -midpoints, torch.tensor([-1.0])]) * 7.0,
-              torch.zeros(33)]  # fmt: skip
+              torch.zeros(96), _around_midpoints_at_unit_absmax(midpoints), torch.zeros(33)]  # fmt: skip
     info = torch.finfo(dtype)
     w = torch.cat(pieces).clamp(-info.max / 4, info.max / 4).to(dtype).cuda()
     for blocksize in (32, 64, 128):

@@ -133,12 +133,16 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
+    warmup_peak = torch.cuda.max_memory_allocated() / 2**30  # the first steps included: what a run must fit
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    steady_peak = torch.cuda.max_memory_allocated() / 2**30
+    result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": max(warmup_peak, steady_peak),
+              "steady_peak_gib": steady_peak,
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
               "load_peak_gib": load_peak}  # fmt: skip
     if profile:  # after the timed steps, so it cannot disturb them
@@ -219,7 +223,8 @@ def main() -> None:
                      "extra_peak_mib": r["peak_gib"] * 1024, "limit_us": 1e6 * args.batch * args.seq / limit,
                      "fraction_of_limit": r["tokens_per_s"] / limit,
                      "vs_ours": (ours / r["tokens_per_s"]) if ours else "",
-                     "note": f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB (total; loading "
+                     "note": f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB (total; after the "
+                             f"warmup steps {r.get('steady_peak_gib', float('nan')):.2f}; loading "
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              "fused AdamW"})  # fmt: skip

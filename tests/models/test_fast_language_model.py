@@ -45,14 +45,14 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     batch = tokenizer(["The cat sat on the warm mat.", "Rain falls softly on the roof today"],
                       return_tensors="pt", padding=True)  # fmt: skip
     calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        original = getattr(stacked_lora, f"stacked_{name}")
+    for name, function in (("forward", "stacked_forward_h"), ("backward", "stacked_backward")):
+        original = getattr(stacked_lora, function)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(stacked_lora, f"stacked_{name}", counted)
+        monkeypatch.setattr(stacked_lora, function, counted)
     loss_ours, grads_ours = _loss_and_grads(ours, batch)
     layers = ours.config.num_hidden_layers
     # NF4 bases run Q/K/V and gate/up stacked (forward, checkpoint recompute, backward); 16-bit ones do not.

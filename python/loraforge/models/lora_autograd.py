@@ -13,9 +13,10 @@ Given dY [n, o]:
     dA = dH^T X                          [r, i]
     dX = dY W + dH A                     [n, i]
 
-We save X (needed for dA) and recompute H = X A^T in backward (n*r*i FLOPs, cheap next to the
-base matmul); W is re-materialised in backward (NF4 weights are dequantized again) rather than
-saved, so a layer keeps only its input alive between forward and backward.
+We save X (needed for dA) and H = X A^T ([n, r]: 1/128 of X at r = 16 and i = 4,096; recomputing it
+in backward would read all of X once more, a memory-bound ~12 us per projection on an H100 for
+2 x 2,048 tokens of an 8B model); W is re-materialised in backward (NF4 weights are dequantized again)
+rather than saved, so a layer keeps only its input (and H) alive between forward and backward.
 
 Q/K/V share X: the three projections are one function so X is saved once and dX is accumulated
 from the three in one place.
@@ -184,25 +185,34 @@ class LoRAProjection:
         self.out_features = getattr(base, "out_features", None)
 
 
-def _forward(proj: LoRAProjection, x: torch.Tensor) -> torch.Tensor:
+def _forward_h(proj: LoRAProjection, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Y, H = X A^T) for X [n, i]; H is None without an adapter. Backward takes H back (_backward)."""
     dtype = x.dtype
     y = x @ dense_weight(proj.base, dtype).t()
     if proj.has_bias:
         y = y + cast(base_bias(proj.base), dtype)
+    h = None
     if proj.A is not None:
-        y = y.addmm_((x @ adapter_in(proj.A, dtype).t()), adapter_in(proj.B, dtype).t(), alpha=proj.scaling)
-    return y
+        h = x @ adapter_in(proj.A, dtype).t()
+        y = y.addmm_(h, adapter_in(proj.B, dtype).t(), alpha=proj.scaling)
+    return y, h
 
 
-def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None):
-    """Returns (dX (accumulated into dx when given), dA, dB)."""
+def _forward(proj: LoRAProjection, x: torch.Tensor) -> torch.Tensor:
+    return _forward_h(proj, x)[0]
+
+
+def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+              h: torch.Tensor | None = None):  # fmt: skip
+    """Returns (dX (accumulated into dx when given), dA, dB). h: X A^T from the forward (else recomputed)."""
     w = dense_weight(proj.base, dy.dtype)
     grad_x = dy @ w if dx is None else dx.addmm_(dy, w)
     del w
     if proj.A is None:
         return grad_x, None, None
     a, b, s = adapter_in(proj.A, dy.dtype), adapter_in(proj.B, dy.dtype), proj.scaling
-    h = x @ a.t()
+    if h is None:
+        h = x @ a.t()
     grad_b = adapter_grad(dy.t(), h, proj.B.dtype, s)
     grad_h = (dy @ b).mul_(s)
     grad_a = adapter_grad(grad_h.t(), x, proj.A.dtype)
@@ -223,14 +233,15 @@ class LoRALinearFunction(torch.autograd.Function):
         with autocast:
             xc = cast(x, dtype)
             ctx.proj, ctx.x_dtype = proj, x.dtype
-            ctx.save_for_backward(xc)
-            return _forward(proj, _flat(xc)).view(*x.shape[:-1], -1)
+            y, h = _forward_h(proj, _flat(xc))
+            ctx.save_for_backward(xc, h)
+            return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
+        x, h = ctx.saved_tensors
         with no_autocast(x):
-            dx, da, db = _backward(ctx.proj, _flat(x), cast(_flat(dy), x.dtype), None)
+            dx, da, db = _backward(ctx.proj, _flat(x), cast(_flat(dy), x.dtype), None, h)
             return cast(dx.view_as(x), ctx.x_dtype), da, db, None
 
 
@@ -244,30 +255,33 @@ class LoRAQKVFunction(torch.autograd.Function):
             xc = cast(x, dtype)
             projs = (q, k, v)
             ctx.projs, ctx.x_dtype = projs, x.dtype
-            ctx.save_for_backward(xc)
             flat = _flat(xc)
             shape = (*x.shape[:-1], -1)
             ctx.stacked = stacked_lora.stackable(projs)
             if ctx.stacked:  # one [n, q+k+v] product; q, k, v are column views of it
-                y = stacked_lora.stacked_forward(projs, flat)
+                y, h = stacked_lora.stacked_forward_h(projs, flat)
+                ctx.save_for_backward(xc, h)
                 yq, yk, yv = y.split(stacked_lora.out_sizes(projs), dim=1)
                 return yq.view(shape), yk.view(shape), yv.view(shape)
-            return _forward(q, flat).view(shape), _forward(k, flat).view(shape), _forward(v, flat).view(shape)
+            outputs = [_forward_h(p, flat) for p in projs]
+            ctx.save_for_backward(xc, *(h for _, h in outputs))
+            return tuple(y.view(shape) for y, _ in outputs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        (x,) = ctx.saved_tensors
+        x, *hs = ctx.saved_tensors
         with no_autocast(x):
             flat = _flat(x)
             grads_out = [cast(_flat(d), x.dtype) for d in (dq, dk, dv)]
             if ctx.stacked:
-                dx, grads_a, grads_b = stacked_lora.stacked_backward(ctx.projs, flat, torch.cat(grads_out, dim=1))
+                dx, grads_a, grads_b = stacked_lora.stacked_backward(ctx.projs, flat, torch.cat(grads_out, dim=1),
+                                                                     h=hs[0])  # fmt: skip
                 grads = [g for pair in zip(grads_a, grads_b) for g in pair]
                 return (cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None)
             dx = None
             grads = []
-            for proj, dy in zip(ctx.projs, grads_out):
-                dx, da, db = _backward(proj, flat, dy, dx)
+            for proj, dy, h in zip(ctx.projs, grads_out, hs):
+                dx, da, db = _backward(proj, flat, dy, dx, h)
                 grads += [da, db]
             return (cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None)
 
@@ -443,16 +457,22 @@ class LoRAMLPFunction(torch.autograd.Function):
                     return _unused_output(xc, out_shape)
                 out = _chunked_mlp_forward(ctx.projs, ctx.stacked, activation, flat, ctx.chunk_rows)
                 return out.view(out_shape)
+            # Saved: X, G and U (stacked: their [n, 2 I] buffer), and the adapters' X A^T of gate, up
+            # (stacked: one [n, r_g + r_u]) and down (Hm A_d^T; None when down is skipped).
             if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
-                gu = stacked_lora.stacked_forward((gate, up), flat)
+                gu, h_gu = stacked_lora.stacked_forward_h((gate, up), flat)
                 g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
+                saved = (xc, gu, None, h_gu, None)
             else:
-                gu, g, u = None, _forward(gate, flat), _forward(up, flat)
-            ctx.save_for_backward(xc, gu if ctx.stacked else g, None if ctx.stacked else u)
+                (g, h_g), (u, h_u) = _forward_h(gate, flat), _forward_h(up, flat)
+                saved = (xc, g, u, h_g, h_u)
             if output_unused:
+                ctx.save_for_backward(*saved, None)
                 return _unused_output(xc, out_shape)
             h = swiglu_ops.gated_activation(g, u, activation, False)  # grad is off here: the kernel alone
-            return _forward(down, h).view(out_shape)
+            out, h_d = _forward_h(down, h)
+            ctx.save_for_backward(*saved, h_d)
+            return out.view(out_shape)
 
     @staticmethod
     def backward(ctx, dout):
@@ -462,12 +482,14 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dx, *grads = _chunked_mlp_backward(ctx.projs, ctx.stacked, ctx.activation, _flat(x),
                                                    _flat(cast(dout, x.dtype)), ctx.chunk_rows)  # fmt: skip
                 return cast(dx.view_as(x), ctx.x_dtype), *grads, None, None, None, None, None
-        x, g, u = ctx.saved_tensors
+        x, g, u, h_g, h_u, h_d = ctx.saved_tensors
         with no_autocast(x):
-            return LoRAMLPFunction._backward(ctx, x, g, u, cast(dout, x.dtype))
+            return LoRAMLPFunction._backward(ctx, x, g, u, cast(dout, x.dtype), h_g, h_u, h_d)
 
     @staticmethod
-    def _backward(ctx, x, g, u, dout):
+    def _backward(ctx, x, g, u, dout, h_g=None, h_u=None, h_d=None):
+        """h_g, h_u, h_d: X A^T of gate and up (stacked: h_g is both, [n, r_g + r_u]) and Hm A_d^T of down
+        from the forward, each recomputed when None."""
         gu = None
         if ctx.stacked:  # saved as one [n, 2 I] buffer; its halves receive dG and dU in place
             gu = g
@@ -488,14 +510,14 @@ class LoRAMLPFunction(torch.autograd.Function):
         h, dg, du = dh, g, u
         d_dA = d_dB = None
         if down.A is not None:
-            d_dB = adapter_grad(dout.t(), h @ a.t(), down.B.dtype, s)
+            d_dB = adapter_grad(dout.t(), h @ a.t() if h_d is None else h_d, down.B.dtype, s)
             d_dA = adapter_grad(grad_hd.t(), h, down.A.dtype)
         del h, dh
         flat = _flat(x)
         if gu is not None:  # gu now holds [dG | dU]
             dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu,
-                                                                            weight_at_once=False)  # fmt: skip
+                                                                            weight_at_once=False, h=h_g)  # fmt: skip
             return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None
-        dx, d_gA, d_gB = _backward(gate, flat, dg, None)
-        dx, d_uA, d_uB = _backward(up, flat, du, dx)
+        dx, d_gA, d_gB = _backward(gate, flat, dg, None, h_g)
+        dx, d_uA, d_uB = _backward(up, flat, du, dx, h_u)
         return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None

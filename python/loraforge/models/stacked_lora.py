@@ -94,23 +94,27 @@ def release_adapter_caches(params) -> None:
         _STACKED_ADAPTERS.pop(param)
 
 
-def stacked_forward(projs, x: torch.Tensor) -> torch.Tensor:
-    """Y = [Y_1 | ... | Y_k] for X [n, in] (contiguous rows), [n, O]."""
+def stacked_forward_h(projs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Y = [Y_1 | ... | Y_k] [n, O], H = X A^T [n, R] or None without adapters) for X [n, in] (contiguous
+    rows). H is what stacked_backward's dB needs: kept from here, it is not recomputed from X there."""
     weight = stacked_weight(projs, x.dtype, x.device)
     if projs[0].has_bias:  # frozen biases: added in the matmul's epilogue
         y = torch.addmm(torch.cat([base_bias(p.base) for p in projs]).to(x.dtype), x, weight.t())
     else:
         y = x @ weight.t()
     del weight
+    h = None
     if projs[0].A is not None:
         a, bd = stacked_adapters(projs, x.dtype)
-        y.addmm_(x @ a.t(), bd.t())
-    return y
+        h = x @ a.t()
+        y.addmm_(h, bd.t())
+    return y, h
 
 
 def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None = None,
-                     weight_at_once: bool = True):
-    """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O].
+                     weight_at_once: bool = True, h: torch.Tensor | None = None):  # fmt: skip
+    """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O]. h: X A^T from
+    stacked_forward_h (recomputed from X when not given).
 
     weight_at_once=False forms dY W one base at a time (dY_i W_i summed, each W_i freed before the next
     is dequantized): the MLP's gate/up backward is where a layer's backward peaks, and the stacked
@@ -133,7 +137,7 @@ def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor 
     a, bd = stacked_adapters(projs, dy.dtype)
     grad_h = dy @ bd
     # The adapters' gradients straight in their own dtype (fp32 under PEFT: see adapter_grad).
-    grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t(), projs[0].B.dtype)
+    grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t() if h is None else h, projs[0].B.dtype)
     grad_a_all = lora_autograd.adapter_grad(grad_h.t(), x, projs[0].A.dtype)
     grad_x.addmm_(grad_h, a)
     grads_a, grads_b = per_projection_grads(projs, grad_a_all, grad_b_all)

@@ -33,6 +33,33 @@ IMPLS = ("hf", "liger", "unsloth", "loraforge")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def llama_config(shape: str, layers: int | None = None):
+    """A Llama-3.x-shaped config: "8b" (Llama-3.1-8B) or "1b" (Llama-3.2-1B: hidden 2,048, tied head), with
+    `layers` decoder layers (default: the model's own, 32 and 16)."""
+    if shape == "8b":
+        return llama8b_config(32 if layers is None else layers)
+    if shape != "1b":
+        raise ValueError(f"shape must be '8b' or '1b', got {shape!r}")
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16 if layers is None else layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=True, torch_dtype="bfloat16",
+    )  # fmt: skip
+
+
+def parameter_count(config) -> float:
+    """Parameters of the model `config` describes (embeddings and head included, a tied head once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return float(sum(p.numel() for p in model.parameters()))
+
+
 def llama8b_config(layers: int):
     from transformers import LlamaConfig
 
@@ -45,12 +72,12 @@ def llama8b_config(layers: int):
     )  # fmt: skip
 
 
-def write_checkpoint(folder: Path, layers: int) -> None:
+def write_checkpoint(folder: Path, layers: int | None, shape: str = "8b") -> None:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(llama8b_config(layers)).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(shape, layers)).to(torch.bfloat16)
     model.save_pretrained(folder)
     # Loaders want a tokenizer beside the weights; the step feeds random ids, so any will do.
     from loraforge.testing import build_tokenizer
@@ -61,13 +88,13 @@ def write_checkpoint(folder: Path, layers: int) -> None:
 
 
 @contextlib.contextmanager
-def checkpoint_folder(checkpoint, layers: int):
-    """The folder of the 8B-shaped checkpoint the variants load: `checkpoint` when given (written there
+def checkpoint_folder(checkpoint, layers: int | None, shape: str = "8b"):
+    """The folder of the Llama-shaped checkpoint the variants load: `checkpoint` when given (written there
     on first use, so later runs skip the minutes of writing), else a scratch folder removed afterwards."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
         folder = Path(checkpoint or scratch)
         if not (folder / "config.json").exists():
-            write_checkpoint(folder, layers)
+            write_checkpoint(folder, layers, shape)
         yield str(folder)
 
 
@@ -170,7 +197,8 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--shape", choices=("8b", "1b"), default="8b", help="Llama-3.1-8B or Llama-3.2-1B shape")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
@@ -192,9 +220,13 @@ def main() -> None:
         return
 
     rate = matmul_tflops()
-    limit = rate * 1e12 / (6 * 8.0e9 * args.layers / 32)
+    config = llama_config(args.shape, args.layers)
+    layers = config.num_hidden_layers
+    # 6 FLOP per parameter and token; the 8B shape keeps the round 8.0e9 of the rows recorded before.
+    params = 8.0e9 * layers / 32 if args.shape == "8b" else parameter_count(config)
+    limit = rate * 1e12 / (6 * params)
     rows = []
-    with checkpoint_folder(args.checkpoint, args.layers) as folder:
+    with checkpoint_folder(args.checkpoint, args.layers, args.shape) as folder:
         results = {}
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
@@ -218,7 +250,7 @@ def main() -> None:
         (args.out / "train_step_profile.json").write_text(json.dumps(profiles, indent=1))
     ours = results.get("loraforge", {}).get("tokens_per_s")
     for impl, r in results.items():
-        rows.append({"benchmark": f"train_step_llama8b_{args.layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
+        rows.append({"benchmark": f"train_step_llama{args.shape}_{layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
                      "impl": impl, "median_us": 1e6 * args.batch * args.seq / r["tokens_per_s"],
                      "extra_peak_mib": r["peak_gib"] * 1024, "limit_us": 1e6 * args.batch * args.seq / limit,
                      "fraction_of_limit": r["tokens_per_s"] / limit,

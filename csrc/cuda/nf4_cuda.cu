@@ -213,7 +213,8 @@ __device__ __forceinline__ float mul_ftz(float a, float b) {
 }
 
 // The 15 decision thresholds of bitsandbytes' CUDA NF4 quantizer, as fp32 bit patterns read from its
-// compiled sm_90 kernel (the immediates of its FSETP.GT chain, bitsandbytes 0.50.2). Four of them are one
+// compiled kernels (the immediates of their FSETP.GT chains, bitsandbytes 0.50.2: the same 15 in its
+// blocksize-32 and general quantizers, in its sm_80 to sm_120 builds). Four of them are one
 // ulp away from the fp32 midpoints (level_j + level_j+1) / 2 that its CPU path and our CPU kernel use
 // (indices 0 and 8 one ulp further from zero, 12 and 14 one ulp nearer), so a value that lands exactly on
 // one of those midpoints gets a different code on CUDA than on CPU. Counting the thresholds strictly

@@ -2,7 +2,10 @@
 layer, the loss, the backward of each layer (its recompute, then its gradients), the optimizer step.
 The bench_train_step model and settings, one variant per process (loraforge, unsloth, ...).
 
-    python benchmarks/memory_phases.py [--impls loraforge,unsloth] [--layers 32] [--out DIR]
+    python benchmarks/memory_phases.py [--impls loraforge,unsloth] [--layers 32] [--first-step] [--out DIR]
+
+--first-step also marks the very first step (before the warmup steps), reported apart: that is where
+one-time costs land (first calls, optimizer state creation), and a run must fit its peak too.
 
 Hooks on every decoder layer (its attention's start, its MLP's end) mark the phase boundaries (a checkpointed layer runs twice: forward, then
 its recompute in backward). At each mark: the allocated bytes, the allocator's peak since the last mark
@@ -62,8 +65,26 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError("no decoder layers (a ModuleList `layers` of modules with an `mlp`) in the model")
 
 
-def instrument(model: torch.nn.Module, marks: PhaseMarks) -> None:
-    calls: dict[int, int] = {}
+class MarkTarget:
+    """Where the hooks' marks go: the PhaseMarks of the step being marked, or nowhere (`current` None).
+    `new_step()` resets the forward/recompute parity kept per layer."""
+
+    def __init__(self):
+        self.current: PhaseMarks | None = None
+        self.calls: dict[int, int] = {}
+
+    def new_step(self, marks: PhaseMarks | None) -> None:
+        self.current = marks
+        self.calls.clear()
+
+    def mark(self, label: str) -> None:
+        if self.current is not None:
+            self.current.mark(label)
+
+
+def instrument(model: torch.nn.Module, marks) -> None:
+    """Hooks that mark each layer's phases into `marks` (a PhaseMarks, or a MarkTarget to switch steps)."""
+    calls: dict[int, int] = getattr(marks, "calls", {})
 
     def kind(index: int) -> str:
         return "fwd" if calls.get(index, 0) % 2 == 0 else "rec"
@@ -86,7 +107,7 @@ def instrument(model: torch.nn.Module, marks: PhaseMarks) -> None:
         layer.mlp.register_full_backward_pre_hook(lambda _m, _g, index=index: marks.mark(f"L{index} bwd"))
 
 
-def run_variant(impl: str, folder: str, batch: int, seq: int, warmup: int) -> dict:
+def run_variant(impl: str, folder: str, batch: int, seq: int, warmup: int, first_step: bool = False) -> dict:
     if impl == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
     model = bench_train_step.load(impl, folder, seq)
@@ -112,14 +133,24 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, warmup: int) -> di
             marks.mark("zero_grad done")
         loss.item()
 
+    target = MarkTarget()
+    instrument(model, target)
+    result = {}
+    if first_step:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        target.new_step(PhaseMarks())
+        step(target)
+        result["first_rows"] = target.current.phases()
+        result["first_step_peak_gib"] = max(r["peak_gib"] for r in result["first_rows"])
+        target.new_step(None)
     for _ in range(warmup):
         step(None)
     torch.cuda.synchronize()
-    marks = PhaseMarks()
-    instrument(model, marks)
-    step(marks)
-    rows = marks.phases()
-    return {"rows": rows, "step_peak_gib": max(r["peak_gib"] for r in rows)}
+    target.new_step(PhaseMarks())
+    step(target)
+    rows = target.current.phases()
+    return {**result, "rows": rows, "step_peak_gib": max(r["peak_gib"] for r in rows)}
 
 
 def summarise(impl: str, rows: list[dict]) -> None:
@@ -153,24 +184,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--first-step", action="store_true", help="also mark the first step, before the warmup")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse/keep the random checkpoint here")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.warmup)))
+        print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.warmup, args.first_step)))
         return
     results = {}
     with bench_train_step.checkpoint_folder(args.checkpoint, args.layers) as folder:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--variant", impl, "--folder", folder, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--warmup", str(args.warmup)]  # fmt: skip
+            cmd += ["--first-step"] if args.first_step else []
             result, stderr = harness.run_json_process(cmd, timeout=900)
             if result is None:
                 print(f"{impl} failed:\n{stderr[-3000:]}")
                 continue
             results[impl] = result
+            if "first_rows" in result:
+                summarise(f"{impl}, first step", result["first_rows"])
             summarise(impl, results[impl]["rows"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

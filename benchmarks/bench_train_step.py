@@ -256,7 +256,7 @@ def main() -> None:
                      "fraction_of_limit": r["tokens_per_s"] / limit,
                      "vs_ours": (ours / r["tokens_per_s"]) if ours else "",
                      "note": f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB (total; after the "
-                             f"warmup steps {r.get('steady_peak_gib', float('nan')):.2f}; loading "
+                             f"warmup steps {r['steady_peak_gib']:.2f}; loading "
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              "fused AdamW"})  # fmt: skip

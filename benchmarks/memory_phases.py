@@ -82,9 +82,9 @@ class MarkTarget:
             self.current.mark(label)
 
 
-def instrument(model: torch.nn.Module, marks) -> None:
-    """Hooks that mark each layer's phases into `marks` (a PhaseMarks, or a MarkTarget to switch steps)."""
-    calls: dict[int, int] = getattr(marks, "calls", {})
+def instrument(model: torch.nn.Module, marks: MarkTarget) -> None:
+    """Hooks that mark each layer's phases into the step `marks` currently points at."""
+    calls = marks.calls
 
     def kind(index: int) -> str:
         return "fwd" if calls.get(index, 0) % 2 == 0 else "rec"

@@ -198,10 +198,6 @@ def _forward_h(proj: LoRAProjection, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return y, h
 
 
-def _forward(proj: LoRAProjection, x: torch.Tensor) -> torch.Tensor:
-    return _forward_h(proj, x)[0]
-
-
 def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
               h: torch.Tensor | None = None):  # fmt: skip
     """Returns (dX (accumulated into dx when given), dA, dB). h: X A^T from the forward (else recomputed)."""

@@ -37,6 +37,12 @@ class ArchitectureRules:
     # recompute may skip it (models/backward_recompute.py). Gemma 2 normalises it first: its norm's
     # backward reads that output.
     mlp_output_to_residual: bool = True
+    # How the offloaded checkpoint splits a decoder layer into its attention and MLP halves
+    # (train/layer_split.py: "pre_norm" or "sandwich"), and whether the attention's output goes straight
+    # into the residual sum (Gemma 2 normalises it first), so that the attention half's rerun may skip
+    # the output projection.
+    layer_split: str = "pre_norm"
+    attention_output_to_residual: bool = True
 
 
 RULES: dict[str, ArchitectureRules] = {
@@ -62,7 +68,7 @@ RULES: dict[str, ArchitectureRules] = {
     ),
     "gemma2": ArchitectureRules(
         mlp_class="Gemma2MLP", activation="gelu_tanh", norm_class="Gemma2RMSNorm", gemma_norm=True,
-        mlp_output_to_residual=False,
+        mlp_output_to_residual=False, layer_split="sandwich", attention_output_to_residual=False,
         attention=AttentionRules("Gemma2Attention", sliding_window="module", softcap=True),
     ),
 }  # fmt: skip

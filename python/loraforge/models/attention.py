@@ -50,7 +50,8 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from loraforge.models.architectures import AttentionRules
-from loraforge.models.lora_autograd import LoRAQKVFunction
+from loraforge.models.backward_recompute import attention_output_feeds_only_backward
+from loraforge.models.lora_autograd import LoRALinearFunction, LoRAQKVFunction
 from loraforge.ops import rope as rope_ops
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5.24's name, and 5.17's (and its alias)
@@ -176,6 +177,10 @@ def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Calla
         else:
             attn_output, attn_weights = attention_interface(self, query, key, value, attention_mask, **options)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        if attention_output_feeds_only_backward():  # the rerun of an attention half: see layer_split.py
+            o_p = lora_projection(submodule(self, "o_proj"))
+            if o_p is not None and o_p.out_features is not None:
+                return LoRALinearFunction.apply(attn_output, o_p.A, o_p.B, o_p, True), attn_weights
         return self.o_proj(attn_output), attn_weights
 
     return forward

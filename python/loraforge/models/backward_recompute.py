@@ -21,12 +21,19 @@ def outputs_feed_only_backward() -> bool:
     return getattr(_STATE, "active", False)
 
 
+def attention_output_feeds_only_backward() -> bool:
+    """True inside `recomputing_for_backward(attention_output_unused=True)` on this thread: the rerun of
+    a layer's attention half (train/layer_split.py), whose output only enters the residual sum h1, which
+    nothing reads. The output projection may then skip its matmul."""
+    return getattr(_STATE, "attention_unused", False)
+
+
 @contextlib.contextmanager
-def recomputing_for_backward():
+def recomputing_for_backward(attention_output_unused: bool = False):
     """Marks a rerun whose outputs are used only to backpropagate through it (values never read)."""
-    previous = outputs_feed_only_backward()
-    _STATE.active = True
+    previous = outputs_feed_only_backward(), attention_output_feeds_only_backward()
+    _STATE.active, _STATE.attention_unused = True, attention_output_unused
     try:
         yield
     finally:
-        _STATE.active = previous
+        _STATE.active, _STATE.attention_unused = previous

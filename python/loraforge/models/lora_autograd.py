@@ -224,11 +224,18 @@ class LoRALinearFunction(torch.autograd.Function):
     """Y = X W^T + s (X A^T) B^T for one projection (used for the output projection)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, proj: LoRAProjection):
+    def forward(ctx, x, A, B, proj: LoRAProjection, output_unused: bool = False):
+        """output_unused: nothing reads the output's values (the output projection in the rerun of an
+        attention half, train/layer_split.py): only H = X A^T, which backward needs, is computed, and
+        the output is a zero broadcast."""
         dtype, autocast = autocast_off(x)
         with autocast:
             xc = cast(x, dtype)
             ctx.proj, ctx.x_dtype = proj, x.dtype
+            if output_unused:
+                h = None if proj.A is None else _flat(xc) @ adapter_in(proj.A, dtype).t()
+                ctx.save_for_backward(xc, h)
+                return _unused_output(xc, (*x.shape[:-1], proj.out_features))
             y, h = _forward_h(proj, _flat(xc))
             ctx.save_for_backward(xc, h)
             return y.view(*x.shape[:-1], -1)
@@ -238,7 +245,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, h = ctx.saved_tensors
         with no_autocast(x):
             dx, da, db = _backward(ctx.proj, _flat(x), cast(_flat(dy), x.dtype), None, h)
-            return cast(dx.view_as(x), ctx.x_dtype), da, db, None
+            return cast(dx.view_as(x), ctx.x_dtype), da, db, None, None
 
 
 class LoRAQKVFunction(torch.autograd.Function):

@@ -24,6 +24,7 @@ from loraforge.models.backward_recompute import outputs_feed_only_backward
 from loraforge.models.base_weight import has_dense_weight
 from loraforge.models.identity_cache import IdentityCache
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAMLPFunction, LoRAProjection
+from loraforge.train import layer_split
 
 _PATCHED = "_loraforge_patched"
 
@@ -235,6 +236,10 @@ def patch_model(model: torch.nn.Module) -> bool:
                 child.forward = types.MethodType(_fused_linear_forward, child)
                 setattr(child, _PATCHED, True)
     for module in model.modules():
+        mlp = module._modules.get("mlp")
+        if mlp is not None and type(mlp).__name__ == rules.mlp_class and "self_attn" in module._modules:
+            layer_split.install(module, rules.layer_split, rules.attention_output_to_residual)
+    for module in model.modules():
         # The transformers *ForCausalLM itself (its backbone is `.model`), not PEFT's wrapper of it.
         is_causal_lm = type(module).__name__.endswith("ForCausalLM") and "model" in module._modules
         if is_causal_lm and "lm_head" in module._modules and not _is_marked(module):
@@ -250,6 +255,7 @@ def patch_model(model: torch.nn.Module) -> bool:
 def unpatch_model(model: torch.nn.Module) -> None:
     """Remove every fused forward that patch_model installed."""
     for module in model.modules():
+        layer_split.uninstall(module)
         if _is_marked(module):
             module.__dict__.pop("forward", None)
             del module.__dict__[_PATCHED]

@@ -41,8 +41,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from loraforge._native import stream_handle
+from loraforge.train import layer_split
 
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
+
+# At most this many saved tensors wait on the GPU for their copy to host. Where the host runs ahead of
+# the GPU (an 8B forward: ~2.3 ms of host time a layer against ~3.4 ms of GPU time) every layer it is
+# ahead keeps one more input alive: 12 by the last layer of the 8B forward, 0.39 GiB at the forward's
+# memory peak (benchmarks/memory_phases.py, H100, 2026-12-07). Four (two layers checkpointed in halves)
+# still leave the GPU two layers of queued work.
+MAX_IN_FLIGHT = 4
 
 _STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
 
@@ -139,6 +147,10 @@ class _OffloadHooks:
         self.last[tensor.device] = weakref.ref(item)
         self._reap()
         self.in_flight.append(item)
+        if len(self.in_flight) > MAX_IN_FLIGHT:  # the host is far ahead of the GPU: wait for the oldest copy
+            oldest = self.in_flight.pop(0)
+            oldest.done.synchronize()
+            oldest.gpu = None
         return item
 
     def unpack(self, packed):
@@ -235,6 +247,18 @@ class _CheckpointedLayer(torch.autograd.Function):
         # Inputs kept as they are (CPU, small, or offload off) are read again in backward: an in-place
         # change in between would make the recompute silently differ, so their versions are checked.
         ctx.versions = [(i, a._version) for i, a in enumerate(ctx.saved) if isinstance(a, torch.Tensor)]
+        # In halves (layer_split.py) where the layer has a rule: h1 is offloaded after x, so that
+        # backward's restore of h1 prefetches x.
+        layer = _layer_of(run) if offload and not replay_rng else None
+        ctx.split = layer_split.rule_of(layer)
+        ctx.h1 = None
+        if ctx.split is not None:
+            output, h1 = layer_split.forward_capturing_h1(run, args, layer, ctx.split[0])
+            if h1 is None:
+                ctx.split = None
+            else:
+                ctx.h1 = _HOOKS.pack(h1)
+            return output
         output = run(*args)
         tensors = (output,) if isinstance(output, torch.Tensor) else output
         if not isinstance(tensors, tuple) or not all(o is None or isinstance(o, torch.Tensor) for o in tensors):
@@ -252,6 +276,7 @@ class _CheckpointedLayer(torch.autograd.Function):
                 raise RuntimeError(f"input {i} of a checkpointed layer was modified in place after the layer ran; "
                                    "its recompute in backward would not match the forward")  # fmt: skip
         wants = ctx.needs_input_grad[4:]
+        grad_h1 = _mlp_half_backward(ctx, grads[0]) if ctx.split is not None else None
         inputs = []
         for item, want in zip(ctx.saved, wants):
             value = _HOOKS.unpack(item)
@@ -273,8 +298,13 @@ class _CheckpointedLayer(torch.autograd.Function):
             # (Imported here: loraforge.models imports this module.)
             from loraforge.models.backward_recompute import recomputing_for_backward
 
-            stack.enter_context(recomputing_for_backward())
-            outputs = ctx.run(*inputs)
+            if grad_h1 is None:
+                stack.enter_context(recomputing_for_backward())
+                outputs = ctx.run(*inputs)
+            else:  # phase 2: up to h1, whose value nothing reads (nor, by the rule, the attention output's)
+                stack.enter_context(recomputing_for_backward(attention_output_unused=ctx.split[1]))
+                outputs = layer_split.attention_half(ctx.run, inputs)
+                grads = (grad_h1,)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
         pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
         if pairs:
@@ -287,6 +317,25 @@ class _CheckpointedLayer(torch.autograd.Function):
         ctx.run = None
         grads_in = (t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants))
         return (None, None, None, None, *grads_in)
+
+
+def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | None:
+    """Phase 1 of a layer in halves (layer_split.py): restore h1, rerun the MLP half from it and
+    backpropagate the layer's output gradient; returns dL/dh1."""
+    h1 = _HOOKS.unpack(ctx.h1).detach().requires_grad_(True)
+    ctx.h1 = None
+    if grad_output is None:
+        return None
+    from loraforge.models.backward_recompute import recomputing_for_backward
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        for device, dtype, cache in ctx.autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+        stack.enter_context(recomputing_for_backward())
+        output = layer_split.mlp_half(_layer_of(ctx.run), ctx.split[0], h1)
+    torch.autograd.backward(output, grad_output)
+    return h1.grad
 
 
 def offloaded_checkpoint(function, *args, **kwargs):

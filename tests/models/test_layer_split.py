@@ -1,0 +1,122 @@
+"""The offloaded checkpoint in halves (train/layer_split.py): backward reruns each layer's MLP half
+from the saved h1 first and its attention half after, with the gradients of no checkpointing; the
+output projection's matmul is skipped in the attention half's rerun where its output goes straight to
+the residual; a layer whose forward does not match its rule falls back to the whole-layer recompute."""
+
+import pytest
+import torch
+
+from loraforge.models import FastLanguageModel
+from loraforge.models import lora_autograd
+from loraforge.train import layer_split
+
+
+def _train_step(path, mode, seed, record=None):
+    model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                             use_gradient_checkpointing=mode)  # fmt: skip
+    model.train()
+    handles = []
+    if record is not None:  # which half runs when, during backward
+        for module in model.modules():
+            for name in ("self_attn", "mlp"):
+                child = module._modules.get(name)
+                if child is not None and not isinstance(module, type(child)):
+                    handles.append(child.register_forward_pre_hook(lambda _m, _a, n=name: record.append(n)))
+    batch = tokenizer(["Snow is white and cold.", "Grass is green."], return_tensors="pt", padding=True)
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    if record is not None:
+        record.clear()  # keep only backward's reruns
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, model
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
+def test_halves_run_mlp_first_with_the_gradients_of_no_checkpointing(saved_models, arch, seed, monkeypatch):
+    monkeypatch.setattr(layer_split, "_VERIFIED", {})
+    plain, _ = _train_step(saved_models[arch], False, seed)
+    order = []
+    ours, model = _train_step(saved_models[arch], "unsloth", seed, order)
+    layers = model.config.num_hidden_layers
+    assert order == ["mlp", "self_attn"] * layers  # each layer: MLP half, then attention half
+    for name in plain:
+        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+
+    monkeypatch.setattr(layer_split, "ENABLED", False)  # the whole-layer recompute: attention first
+    order.clear()
+    whole, _ = _train_step(saved_models[arch], "unsloth", seed, order)
+    assert order == ["self_attn", "mlp"] * layers
+    for name in plain:
+        torch.testing.assert_close(whole[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch, skips", [("llama", True), ("gemma2", False)])
+def test_attention_half_skips_the_output_projection_where_it_feeds_the_residual(saved_models, arch, skips, seed,
+                                                                                   monkeypatch):  # fmt: skip
+    monkeypatch.setattr(layer_split, "_VERIFIED", {})
+    flags = []
+    real = lora_autograd.LoRALinearFunction.forward
+
+    def counting(ctx, x, A, B, proj, output_unused=False):
+        flags.append(output_unused)
+        return real(ctx, x, A, B, proj, output_unused)
+
+    monkeypatch.setattr(lora_autograd.LoRALinearFunction, "forward", staticmethod(counting))
+    plain, _ = _train_step(saved_models[arch], False, seed)
+    assert flags and not any(flags)
+    flags.clear()
+    ours, model = _train_step(saved_models[arch], "unsloth", seed)
+    layers = model.config.num_hidden_layers
+    # o_proj: once a layer in forward, once in the attention half's rerun (skipped where allowed)
+    assert flags == [False] * layers + [skips] * layers
+    for name in plain:
+        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_unit_output_unused_projection_gives_the_same_gradients(seed):
+    from loraforge.models.lora_autograd import LoRALinearFunction, LoRAProjection
+
+    base = torch.nn.Linear(24, 10, bias=False)
+    a, b = torch.randn(4, 24, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    proj = LoRAProjection(base, a, b, 0.5)
+    x, dy = torch.randn(3, 7, 24), torch.randn(3, 7, 10)
+    grads = []
+    for unused in (False, True):
+        xi = x.clone().requires_grad_()
+        y = LoRALinearFunction.apply(xi, a, b, proj, unused)
+        assert y.shape == (3, 7, 10)
+        if unused:
+            assert not y.any() and y.stride() == (0, 0, 0)
+        y.backward(dy)
+        grads.append([xi.grad.clone(), a.grad.clone(), b.grad.clone()])
+        a.grad = b.grad = None
+    for computed, skipped in zip(*grads):
+        assert torch.equal(computed, skipped)
+
+
+def test_a_layer_that_does_not_match_its_rule_recomputes_whole(saved_models, seed, monkeypatch):
+    monkeypatch.setattr(layer_split, "_VERIFIED", {})
+    wrong = ("post_attention_layernorm", lambda layer, h1: h1 + layer.mlp(h1))  # the norm left out
+    monkeypatch.setitem(layer_split.MLP_HALVES, "pre_norm", wrong)
+    plain, _ = _train_step(saved_models["llama"], False, seed)
+    order = []
+    with pytest.warns(UserWarning, match="does not match loraforge's 'pre_norm' rule"):
+        ours, model = _train_step(saved_models["llama"], "unsloth", seed, order)
+    assert order == ["self_attn", "mlp"] * model.config.num_hidden_layers
+    for name in plain:
+        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_unpatch_removes_the_split(saved_models):
+    model, _ = FastLanguageModel.from_pretrained(saved_models["llama"], dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
+    layers = [m for m in model.modules() if "mlp" in m._modules and "self_attn" in m._modules]
+    assert layers and all(layer_split.rule_of(layer) == ("pre_norm", True) for layer in layers)
+    assert all(len(layer.post_attention_layernorm._forward_pre_hooks) == 1 for layer in layers)
+    from loraforge.models.patch import unpatch_model
+
+    unpatch_model(model)
+    assert all(layer_split.rule_of(layer) is None for layer in layers)
+    assert all(len(layer.post_attention_layernorm._forward_pre_hooks) == 0 for layer in layers)

@@ -137,25 +137,41 @@ def test_a_layer_returning_something_else_is_refused():
 
 def test_completed_offload_copies_release_their_gpu_tensor():
     """_reap drops the GPU reference of every item whose host copy finished (not only of those that
-    finished between two queries), and keeps those still in flight."""
-
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def query(self):
-            return self.value
-
-    class Item:
-        def __init__(self, finished):
-            self.gpu, self.done = object(), Done(finished)
-
+    finished between two queries), and keeps those still in flight and the newest (backward's first)."""
     hooks = oc._OffloadHooks()
-    items = [Item(True), Item(False), Item(True)]
+    items = [_Item(True), _Item(False), _Item(True), _Item(True)]
     hooks.in_flight = list(items)
     hooks._reap()
-    assert [item.gpu is None for item in items] == [True, False, True]
-    assert hooks.in_flight == [items[1]]
+    assert [item.gpu is None for item in items] == [True, False, True, False]
+    assert hooks.in_flight == [items[1], items[3]]
+
+
+class _Done:
+    def __init__(self, value):
+        self.value, self.waited = value, False
+
+    def query(self):
+        return self.value
+
+    def synchronize(self):
+        self.waited = self.value = True
+
+
+class _Item:
+    def __init__(self, finished):
+        self.gpu, self.done = object(), _Done(finished)
+
+
+def test_copies_in_flight_are_limited_oldest_first(monkeypatch):
+    """The host waits for the oldest copies once more than MAX_IN_FLIGHT saved tensors are on their way."""
+    monkeypatch.setattr(oc, "MAX_IN_FLIGHT", 2)
+    hooks = oc._OffloadHooks()
+    items = [_Item(False) for _ in range(5)]
+    hooks.in_flight = list(items)
+    hooks._limit_in_flight()
+    assert hooks.in_flight == items[3:]
+    assert [item.done.waited for item in items] == [True, True, True, False, False]
+    assert [item.gpu is None for item in items] == [True, True, True, False, False]
 
 
 def test_an_input_changed_in_place_after_the_layer_is_caught(seed):

@@ -69,7 +69,7 @@ def _current_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class _Offloaded:
-    __slots__ = ("host", "device", "done", "gpu", "prev", "fetched", "fetched_event", "__weakref__")
+    __slots__ = ("host", "device", "done", "gpu", "version", "prev", "fetched", "fetched_event", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
         self.device = tensor.device
@@ -80,6 +80,7 @@ class _Offloaded:
             self.done = torch.cuda.Event()
             self.done.record(side)
         self.gpu = tensor  # alive until the copy completes (see _reap)
+        self.version = tensor._version  # an in-place change after this is not in the host copy
         # The tensor saved just before this one (a weak link: a graph that is dropped unused must not
         # keep its predecessors' host buffers alive); backward will ask for it next.
         self.prev = weakref.ref(prev) if prev is not None else None
@@ -99,7 +100,7 @@ class _Offloaded:
 
     def restore(self, side: torch.cuda.Stream) -> torch.Tensor:
         compute = _current_stream(self.device)
-        if self.gpu is not None:  # the newest saved tensor, still held (_OffloadHooks._reap): no copy back
+        if self.gpu is not None and self.gpu._version == self.version:  # still held (the newest): no copy back
             compute.wait_event(self.done)  # (its memory is reused only after the copy to host has read it)
             tensor = self.gpu
         elif self.fetched is None:

@@ -120,3 +120,33 @@ def test_unpatch_removes_the_split(saved_models):
     unpatch_model(model)
     assert all(layer_split.rule_of(layer) is None for layer in layers)
     assert all(len(layer.post_attention_layernorm._forward_pre_hooks) == 0 for layer in layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_halves_offloaded_on_gpu_match_no_checkpointing(tmp_path, arch, seed, monkeypatch):
+    """On CUDA with layer inputs and h1 large enough to go to host memory (>= 1 MiB): the two-phase
+    backward, prefetches and the newest tensor kept on the GPU give the gradients of no checkpointing."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from loraforge import testing
+    from loraforge.train import offloaded_checkpointing as oc
+
+    monkeypatch.setattr(layer_split, "_VERIFIED", {})
+    path = testing.save_tiny_model(tmp_path / arch, arch=arch, seed=3, hidden_size=256, intermediate_size=512)
+    ids = torch.randint(3, 200, (2, 600), generator=torch.Generator().manual_seed(seed))  # 2 x 600 x 256 fp32
+    restores = []
+    real_restore = oc._Offloaded.restore
+    monkeypatch.setattr(oc._Offloaded, "restore", lambda self, side: restores.append(1) or real_restore(self, side))
+    grads = {}
+    for mode in ("unsloth", False):
+        model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=False)
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                                 use_gradient_checkpointing=mode)  # fmt: skip
+        model.cuda().train()
+        batch = ids.cuda()
+        model(input_ids=batch, labels=batch).loss.backward()
+        grads[mode] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(restores) == 2 * model.config.num_hidden_layers  # x and h1 of every layer came back
+    for name in grads[False]:
+        torch.testing.assert_close(grads["unsloth"][name], grads[False][name], rtol=1e-4, atol=1e-6)

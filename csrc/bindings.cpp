@@ -198,14 +198,14 @@ PYBIND11_MODULE(_core, m) {
       "nf4_dequantize_nested_cuda",
       [](uintptr_t packed, uintptr_t qabsmax, uintptr_t code2, uintptr_t absmax2, uintptr_t offset,
          long long num_absmax2, long long blocksize2, long long n, long long blocksize, uintptr_t out, int dtype,
-         uintptr_t stream) {
+         uintptr_t stream, long long cols, long long row_stride) {
         check_nf4_sizes(n, blocksize);
         const auto source = nested_absmax(qabsmax, code2, absmax2, offset, (n + blocksize - 1) / blocksize,
                                           num_absmax2, blocksize2);
         loraforge::nf4_dequantize_cuda(as_ptr<const unsigned char>(packed, "packed"), source, n, blocksize,
-                                       as_ptr<void>(out, "out"), to_dtype(dtype), stream);
+                                       as_ptr<void>(out, "out"), to_dtype(dtype), stream, cols, row_stride);
       },
       py::arg("packed"), py::arg("qabsmax"), py::arg("code2"), py::arg("absmax2"), py::arg("offset"),
       py::arg("num_absmax2"), py::arg("blocksize2"), py::arg("n"), py::arg("blocksize"), py::arg("out"),
-      py::arg("dtype"), py::arg("stream"));
+      py::arg("dtype"), py::arg("stream"), py::arg("cols") = 0, py::arg("row_stride") = 0);
 }

@@ -17,7 +17,7 @@ void nf4_quantize_cuda(const void*, DType, long long, long long, unsigned char*,
   not_built();
 }
 void nf4_dequantize_cuda(const unsigned char*, const nf4::AbsmaxSource&, long long, long long, void*, DType,
-                         std::uintptr_t) {
+                         std::uintptr_t, long long, long long) {
   not_built();
 }
 void gguf_quantize_cuda(const void*, DType, long long, long long, int, unsigned char*, std::uintptr_t) {

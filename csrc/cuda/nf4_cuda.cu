@@ -116,11 +116,14 @@ __device__ __forceinline__ void dequantize_one(const unsigned char* packed, cons
   out[i] = Convert<T>::store(__fmul_rn(levels[(i & 1) ? (byte & 0x0f) : (byte >> 4)], scale));
 }
 
+// Rows: W's rows of `cols` elements go `row_stride` elements apart in `out` (a column slice of a wider
+// buffer, e.g. [W | B] for one matmul over the concatenated inner dimension); cols is a multiple of a
+// chunk, so no chunk straddles two rows and there are no tail elements.
 template <typename T, int Threads = kDequantThreads, int Unroll = kUnroll, bool Streaming = kStreamingStores,
-          bool LoadsFirst = kLoadsBeforeTables>
+          bool LoadsFirst = kLoadsBeforeTables, bool Rows = false>
 __global__ void __launch_bounds__(Threads)
     nf4_dequantize_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
-                          BlockShifts shifts, T* __restrict__ out) {
+                          BlockShifts shifts, T* __restrict__ out, long long cols = 0, long long row_stride = 0) {
   using Shape = ChunkShape<T>;
   __shared__ float levels[16];
   __shared__ float code2[256];
@@ -157,7 +160,11 @@ __global__ void __launch_bounds__(Threads)
       const float scale =
           nested ? __fadd_rn(__fmul_rn(code2[qabsmax[k]], absmax_or_scale2[k]), offset) : absmax_or_scale2[k];
       const uint4 value = dequantize_chunk<T>(bytes[k], levels, scale);
-      if constexpr (Streaming) {
+      if constexpr (Rows) {
+        const long long first = chunk * Shape::kElements;
+        const long long row = first / cols;
+        *reinterpret_cast<uint4*>(out + row * row_stride + (first - row * cols)) = value;
+      } else if constexpr (Streaming) {
         __stcs(reinterpret_cast<uint4*>(out) + chunk, value);
       } else {
         reinterpret_cast<uint4*>(out)[chunk] = value;
@@ -165,7 +172,7 @@ __global__ void __launch_bounds__(Threads)
     }
   }
   // The last elements (fewer than one chunk), one by one, in the last block.
-  if (blockIdx.x == gridDim.x - 1) {
+  if (!Rows && blockIdx.x == gridDim.x - 1) {
     for (long long i = full_chunks * Shape::kElements + threadIdx.x; i < n; i += Threads) {
       dequantize_one(packed, source, levels, code2, shifts, i, out);
     }
@@ -292,12 +299,25 @@ unsigned int grid_for(long long items, long long per_block, long long n) {
 
 template <typename T>
 void launch_dequantize(const unsigned char* packed, const nf4::AbsmaxSource& source, long long n,
-                       long long blocksize, void* out, cudaStream_t stream) {
+                       long long blocksize, void* out, cudaStream_t stream, long long cols, long long row_stride) {
   using Shape = ChunkShape<T>;
   const BlockShifts shifts{log2_exact(blocksize, "blocksize"),
                            source.absmax != nullptr ? 0 : log2_exact(source.blocksize2, "blocksize2")};
   const bool aligned = reinterpret_cast<std::uintptr_t>(packed) % Shape::kPackedBytes == 0 &&
                        reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
+  if (row_stride != 0 && row_stride != cols) {
+    LF_CHECK(aligned && cols > 0 && cols % Shape::kElements == 0 && n % cols == 0 && row_stride > cols &&
+                 (row_stride * static_cast<long long>(sizeof(T))) % 16 == 0,
+             "nf4 dequantize into rows: out and packed 16-byte aligned, cols a multiple of ", Shape::kElements,
+             " dividing n, and the row stride (in bytes) a multiple of 16 above cols; got n=", n, " cols=", cols,
+             " row_stride=", row_stride);
+    const long long per_block = static_cast<long long>(kDequantThreads) * kUnroll * Shape::kElements;
+    nf4_dequantize_kernel<T, kDequantThreads, kUnroll, kStreamingStores, kLoadsBeforeTables, true>
+        <<<grid_for(n, per_block, n), kDequantThreads, 0, stream>>>(packed, source, n, shifts, static_cast<T*>(out),
+                                                                    cols, row_stride);
+    cuda_check(cudaGetLastError(), "nf4_dequantize_kernel (rows) launch");
+    return;
+  }
   if (aligned) {
     const long long per_block = static_cast<long long>(kDequantThreads) * kUnroll * Shape::kElements;
     nf4_dequantize_kernel<T><<<grid_for(n, per_block, n), kDequantThreads, 0, stream>>>(packed, source, n, shifts,
@@ -322,12 +342,14 @@ void launch_quantize(const void* x, long long n, long long blocksize, unsigned c
 }  // namespace
 
 void nf4_dequantize_cuda(const unsigned char* packed, const nf4::AbsmaxSource& source, long long n,
-                         long long blocksize, void* out, DType dtype, std::uintptr_t stream) {
+                         long long blocksize, void* out, DType dtype, std::uintptr_t stream, long long cols,
+                         long long row_stride) {
+  const cudaStream_t s = as_stream(stream);
   switch (dtype) {
-    case DType::kFloat32: return launch_dequantize<float>(packed, source, n, blocksize, out, as_stream(stream));
-    case DType::kFloat16: return launch_dequantize<__half>(packed, source, n, blocksize, out, as_stream(stream));
+    case DType::kFloat32: return launch_dequantize<float>(packed, source, n, blocksize, out, s, cols, row_stride);
+    case DType::kFloat16: return launch_dequantize<__half>(packed, source, n, blocksize, out, s, cols, row_stride);
     case DType::kBFloat16:
-      return launch_dequantize<__nv_bfloat16>(packed, source, n, blocksize, out, as_stream(stream));
+      return launch_dequantize<__nv_bfloat16>(packed, source, n, blocksize, out, s, cols, row_stride);
   }
 }
 

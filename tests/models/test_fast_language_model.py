@@ -38,6 +38,7 @@ def _loss_and_grads(model, batch):
 @pytest.mark.parametrize("load_in_4bit", (True, False))
 def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, seed, monkeypatch):
     from loraforge.models import stacked_lora
+    from loraforge.train import layer_split
 
     ours, plain, tokenizer = _pair(saved_models[arch], load_in_4bit, seed % 1000)
     norms = [m for m in ours.modules() if type(m).__name__.endswith("RMSNorm")]
@@ -45,6 +46,7 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     batch = tokenizer(["The cat sat on the warm mat.", "Rain falls softly on the roof today"],
                       return_tensors="pt", padding=True)  # fmt: skip
     calls = {"forward": 0, "backward": 0}
+    monkeypatch.setattr(layer_split, "_VERIFIED", {})  # its first call checks the layer split's rule: +1 MLP
     for name, function in (("forward", "stacked_forward_h"), ("backward", "stacked_backward")):
         original = getattr(stacked_lora, function)
 
@@ -56,7 +58,7 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     loss_ours, grads_ours = _loss_and_grads(ours, batch)
     layers = ours.config.num_hidden_layers
     # NF4 bases run Q/K/V and gate/up stacked (forward, checkpoint recompute, backward); 16-bit ones do not.
-    expected = (2 * 2 * layers, 2 * layers) if load_in_4bit else (0, 0)
+    expected = (2 * 2 * layers + 1, 2 * layers) if load_in_4bit else (0, 0)
     assert (calls["forward"], calls["backward"]) == expected
     loss_plain, grads_plain = _loss_and_grads(plain, batch)
     assert torch.allclose(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)

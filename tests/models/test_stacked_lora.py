@@ -52,3 +52,55 @@ def test_stacked_adapters_follow_every_adapter_change():
     projs[1].A.data = torch.randn_like(projs[1].A)  # new storage, no version bump
     third = stacked_lora.stacked_adapters(projs, torch.bfloat16)
     assert torch.equal(third[0], _expected(projs, torch.bfloat16)[0])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("ranks", [(4, 6), (8, 8), (3, 2)])  # R = 10 (padded to 16), 16, 5 (to 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_outputs_concatenate_the_inner_dimension(device, ranks, dtype, seed, monkeypatch):
+    """Y = [X | H] [W | Bd]^T (one matmul, wide outputs) against Y = X W^T + H Bd^T, H the same."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    inputs = 64
+    projs = _projections(ranks=ranks, outs=(5 * inputs // 2, 2 * inputs), inputs=inputs)
+    if device == "cuda":
+        for p in projs:
+            p.base.cuda()
+            p.A.data, p.B.data = p.A.data.cuda(), p.B.data.cuda()
+    x = torch.randn(37, inputs, device=device, dtype=dtype)
+    results, calls = [], []
+    real = stacked_lora._forward_concat
+    monkeypatch.setattr(stacked_lora, "_forward_concat", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for ratio in (10**9, 3):  # the two-matmul path, then the concatenated one (O = 4.5 x in)
+        monkeypatch.setattr(stacked_lora, "CONCAT_MIN_RATIO", ratio)
+        calls.clear()
+        results.append(stacked_lora.stacked_forward_h(projs, x))
+        assert len(calls) == (ratio == 3)
+    (y_two, h_two), (y_one, h_one) = results
+    assert torch.equal(h_one, h_two)
+    a, bd = stacked_lora.stacked_adapters(projs, dtype)
+    w = stacked_lora.stacked_weight(projs, torch.float32, x.device)
+    reference = x.double() @ w.double().t() + (h_one.double() @ bd.double().t())
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y_one.double(), reference, rtol=tolerance, atol=tolerance * reference.abs().max().item())
+    # one rounding to dtype instead of two: at least as close to the exact product as the two-matmul path
+    assert (y_one.double() - reference).abs().max() <= (y_two.double() - reference).abs().max() * 1.01 + 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_into_rows_of_a_wider_buffer_matches_bit_for_bit(dtype, seed):
+    """The CUDA kernel's row-strided output: W in the first columns of a wider buffer, nothing else
+    written, the same bits as a contiguous dequantization."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from loraforge.models.base_weight import dense_weight, dequantize_into
+
+    base = bnb.nn.Linear4bit(96, 37, bias=False, quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(torch.randn(37, 96), requires_grad=False, quant_type="nf4")
+    base = base.cuda()
+    expected = dense_weight(base, dtype)
+    wide = torch.full((37, 96 + 24), 7.0, dtype=dtype, device="cuda")
+    dequantize_into(base, wide[:, :96])
+    assert torch.equal(wide[:, :96], expected)
+    assert bool((wide[:, 96:] == 7.0).all())

@@ -23,8 +23,10 @@ void gguf_dequantize_cpu(const unsigned char* src, long long rows, long long col
 bool cuda_built();
 void nf4_quantize_cuda(const void* x, DType dtype, long long n, long long blocksize, unsigned char* packed,
                        float* absmax, std::uintptr_t stream);
+// row_stride != 0 (and != cols): W's rows of `cols` elements are written row_stride elements apart.
 void nf4_dequantize_cuda(const unsigned char* packed, const nf4::AbsmaxSource& absmax, long long n,
-                         long long blocksize, void* out, DType dtype, std::uintptr_t stream);
+                         long long blocksize, void* out, DType dtype, std::uintptr_t stream, long long cols = 0,
+                         long long row_stride = 0);
 // GGUF blocks: [rows, cols] of `dtype` (widened to fp32 exactly) -> the same bytes gguf_quantize_cpu writes.
 void gguf_quantize_cuda(const void* src, DType dtype, long long rows, long long cols, int qtype, unsigned char* dst,
                         std::uintptr_t stream);

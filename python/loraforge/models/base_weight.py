@@ -103,10 +103,15 @@ class _CudaDequantCall:
         return self._key(packed, state) == self.key
 
     def __call__(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W into `out` (contiguous, or a [rows, cols] view whose rows lie a stride apart: see
+        dequantize_into) or a new tensor."""
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        cols = stride = 0
+        if not out.is_contiguous():
+            cols, stride = out.shape[1], out.stride(0)
         self.launch(*self.pointers, self.n, self.blocksize, out.data_ptr(), self.dtype_codes[dtype],
-                    self.stream_handle(self.device))  # fmt: skip
+                    self.stream_handle(self.device), cols, stride)  # fmt: skip
         return out
 
 
@@ -156,13 +161,25 @@ def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_into(layer: torch.nn.Module, out: torch.Tensor) -> None:
-    """Write W of an NF4 `layer` into `out` (contiguous, W's number of elements, the compute dtype):
-    straight from the kernel on CUDA, through a temporary elsewhere."""
+    """Write W of an NF4 `layer` into `out` (the compute dtype, W's number of elements: contiguous, or
+    a [out_features, in_features] column slice of a wider buffer, rows a stride apart): straight from
+    the kernel on CUDA, through a temporary elsewhere."""
     weight = layer_weight(layer)
     state = _quant_state(layer, weight)
-    if out.is_contiguous() and _fast_cuda_dequant(layer, packed_codes(weight), state, out.dtype, out) is not None:
+    if _kernel_writes(out) and _fast_cuda_dequant(layer, packed_codes(weight), state, out.dtype, out) is not None:
         return
     out.copy_(dense_weight(layer, out.dtype).view(out.shape))
+
+
+def _kernel_writes(out: torch.Tensor) -> bool:
+    """Whether the CUDA kernel writes `out` in place: contiguous, or rows of 16-byte chunks a 16-byte
+    multiple apart from a 16-byte aligned start."""
+    if out.is_contiguous():
+        return True
+    if out.dim() != 2 or out.stride(1) != 1:
+        return False
+    chunk = 16 // out.element_size()
+    return out.shape[1] % chunk == 0 and out.stride(0) % chunk == 0 and out.data_ptr() % 16 == 0
 
 
 def base_bias(layer: torch.nn.Module) -> torch.Tensor | None:

@@ -79,11 +79,11 @@ def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, b
     x_ext[:, :k] = x
     h = torch.mm(x, a.t())
     x_ext[:, k : k + rank] = h
-    x_ext[:, k + rank :] = 0
+    x_ext[:, k + rank :].zero_()
     w_ext = x.new_empty((bd.shape[0], width))
     stacked_weight(projs, x.dtype, x.device, out=w_ext[:, :k])
     w_ext[:, k : k + rank] = bd
-    w_ext[:, k + rank :] = 0
+    w_ext[:, k + rank :].zero_()
     y = x_ext @ w_ext.t() if bias is None else torch.addmm(bias, x_ext, w_ext.t())
     return y, h
 

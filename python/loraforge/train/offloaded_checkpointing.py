@@ -272,8 +272,8 @@ class _CheckpointedLayer(torch.autograd.Function):
                 ctx.split = None
             else:
                 ctx.h1 = _HOOKS.pack(h1)
-            return output
-        output = run(*args)
+        else:
+            output = run(*args)
         tensors = (output,) if isinstance(output, torch.Tensor) else output
         if not isinstance(tensors, tuple) or not all(o is None or isinstance(o, torch.Tensor) for o in tensors):
             raise TypeError(f"a checkpointed layer must return a tensor or a tuple of tensors, got {type(output)}")
@@ -290,7 +290,8 @@ class _CheckpointedLayer(torch.autograd.Function):
                 raise RuntimeError(f"input {i} of a checkpointed layer was modified in place after the layer ran; "
                                    "its recompute in backward would not match the forward")  # fmt: skip
         wants = ctx.needs_input_grad[4:]
-        grad_h1 = _mlp_half_backward(ctx, grads[0]) if ctx.split is not None else None
+        if ctx.split is not None:  # phase 1: the MLP half, from h1 (layer_split.py)
+            grads = (_mlp_half_backward(ctx, grads[0]),)
         inputs = []
         for item, want in zip(ctx.saved, wants):
             value = _HOOKS.unpack(item)
@@ -312,13 +313,14 @@ class _CheckpointedLayer(torch.autograd.Function):
             # (Imported here: loraforge.models imports this module.)
             from loraforge.models.backward_recompute import recomputing_for_backward
 
-            if grad_h1 is None:
+            if ctx.split is None:
                 stack.enter_context(recomputing_for_backward())
                 outputs = ctx.run(*inputs)
+            elif grads[0] is None:  # no gradient reached h1: nothing to backpropagate
+                outputs = (None,)
             else:  # phase 2: up to h1, whose value nothing reads (nor, by the rule, the attention output's)
                 stack.enter_context(recomputing_for_backward(attention_output_unused=ctx.split[1]))
                 outputs = layer_split.attention_half(ctx.run, inputs)
-                grads = (grad_h1,)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
         pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
         if pairs:

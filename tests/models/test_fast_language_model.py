@@ -66,7 +66,9 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     assert all("lora_" in name for name in grads_ours)
     for name in grads_ours:
         # atol on the gradient's scale: see tests/models/test_attention_patch.py::_assert_same_grads.
-        atol = max(1e-6, 2e-5 * grads_plain[name].abs().max().item())
+        # Typically within 2e-6 of the gradient's largest entry; the worst seed seen (1115334081, qwen3,
+        # 4-bit, layer 0's v_proj lora_A, also before the 2026-12-07 changes) reached 4.4e-5.
+        atol = max(1e-6, 1e-4 * grads_plain[name].abs().max().item())
         torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=atol, msg=name)
 
 

@@ -5,8 +5,7 @@ where the architecture sums the MLP output straight into the residual (not Gemma
 import pytest
 import torch
 
-from loraforge.models import FastLanguageModel
-from loraforge.models import lora_autograd
+from loraforge.models import FastLanguageModel, lora_autograd
 from loraforge.models.backward_recompute import outputs_feed_only_backward, recomputing_for_backward
 from loraforge.train import layer_split
 

@@ -6,8 +6,7 @@ the residual; a layer whose forward does not match its rule falls back to the wh
 import pytest
 import torch
 
-from loraforge.models import FastLanguageModel
-from loraforge.models import lora_autograd
+from loraforge.models import FastLanguageModel, lora_autograd
 from loraforge.train import layer_split
 
 
@@ -98,7 +97,7 @@ def test_unit_output_unused_projection_gives_the_same_gradients(seed):
 
 def test_a_layer_that_does_not_match_its_rule_recomputes_whole(saved_models, seed, monkeypatch):
     monkeypatch.setattr(layer_split, "_VERIFIED", {})
-    wrong = ("post_attention_layernorm", lambda layer, h1: h1 + layer.mlp(h1))  # the norm left out
+    wrong = ("post_attention_layernorm", ("mlp",), lambda layer, h1: h1 + layer.mlp(h1))  # the norm left out
     monkeypatch.setitem(layer_split.MLP_HALVES, "pre_norm", wrong)
     plain, _ = _train_step(saved_models["llama"], False, seed)
     order = []

@@ -79,7 +79,7 @@ def test_wide_outputs_concatenate_the_inner_dimension(device, ranks, dtype, seed
         assert len(calls) == (ratio == 3)
     (y_two, h_two), (y_one, h_one) = results
     assert torch.equal(h_one, h_two)
-    a, bd = stacked_lora.stacked_adapters(projs, dtype)
+    _, bd = stacked_lora.stacked_adapters(projs, dtype)
     w = stacked_lora.stacked_weight(projs, torch.float32, x.device)
     reference = x.double() @ w.double().t() + (h_one.double() @ bd.double().t())
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]

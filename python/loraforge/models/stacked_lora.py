@@ -76,7 +76,8 @@ def _concat_pad(rank: int) -> int:
     return -(-rank // 8) * 8
 
 
-def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias) -> tuple[torch.Tensor, ...]:
+    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO)."""
     n, k = x.shape
     rank, width = a.shape[0], k + _concat_pad(a.shape[0])
     x_ext = x.new_empty((n, width))

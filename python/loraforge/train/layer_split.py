@@ -48,10 +48,11 @@ def _sandwich_mlp_half(layer: torch.nn.Module, h1: torch.Tensor) -> torch.Tensor
     return h1 + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h1)))
 
 
-# rule name -> (the module whose input is h1, the MLP half as a function of the layer and h1)
-MLP_HALVES: dict[str, tuple[str, Callable]] = {
-    "pre_norm": ("post_attention_layernorm", _pre_norm_mlp_half),
-    "sandwich": ("pre_feedforward_layernorm", _sandwich_mlp_half),
+# rule name -> (the module whose input is h1, the other modules the MLP half calls, the MLP half as a
+# function of the layer and h1)
+MLP_HALVES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
+    "pre_norm": ("post_attention_layernorm", ("mlp",), _pre_norm_mlp_half),
+    "sandwich": ("pre_feedforward_layernorm", ("mlp", "post_feedforward_layernorm"), _sandwich_mlp_half),
 }
 
 # LORAFORGE_LAYER_SPLIT=0 keeps the whole-layer recompute (for comparisons), read when a layer runs.
@@ -75,19 +76,17 @@ _STATE = threading.local()  # .mode: None, "capture" or "stop"; .captured: the s
 def _split_point_hook(_module, args):
     mode = getattr(_STATE, "mode", None)
     if mode is None:
-        return None
+        return
     if mode == "stop":
         raise _ReachedSplit(args[0])
     _STATE.captured = args[0]
-    return None
 
 
 def install(layer: torch.nn.Module, rule: str, attention_output_to_residual: bool) -> bool:
     """Mark `layer` to be checkpointed in halves by `rule` (a key of MLP_HALVES); False when the layer
     lacks the modules the rule names."""
-    entry_name, _ = MLP_HALVES[rule]
+    entry_name, needed, _ = MLP_HALVES[rule]
     entry = layer._modules.get(entry_name)
-    needed = {"pre_norm": ("mlp",), "sandwich": ("mlp", "post_feedforward_layernorm")}[rule]
     if entry is None or any(name not in layer._modules for name in needed):
         return False
     if _HOOK_HANDLE not in entry.__dict__:
@@ -144,7 +143,7 @@ def forward_capturing_h1(run: Callable, args, layer: torch.nn.Module, rule: str)
 
 def _check_rule(layer, rule: str, h1: torch.Tensor, output: torch.Tensor) -> bool:
     with torch.no_grad():
-        expected = MLP_HALVES[rule][1](layer, h1)
+        expected = mlp_half(layer, rule, h1)
     scale = output.detach().abs().max().float().clamp_min(1e-30)
     same = expected.shape == output.shape and bool(((expected - output).abs().max().float() <= 1e-3 * scale).item())
     if not same:
@@ -155,7 +154,7 @@ def _check_rule(layer, rule: str, h1: torch.Tensor, output: torch.Tensor) -> boo
 
 def mlp_half(layer: torch.nn.Module, rule: str, h1: torch.Tensor) -> torch.Tensor:
     """Phase 1's rerun: the layer's output from h1."""
-    return MLP_HALVES[rule][1](layer, h1)
+    return MLP_HALVES[rule][2](layer, h1)
 
 
 def attention_half(run: Callable, args) -> torch.Tensor:

@@ -300,9 +300,7 @@ class _CheckpointedLayer(torch.autograd.Function):
             inputs.append(value)
         ctx.saved = None
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.enable_grad())
-            for device, dtype, cache in ctx.autocast:
-                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+            _enter_forward_modes(stack, ctx)
             if ctx.rng is not None:
                 cuda = ctx.device.type == "cuda"
                 stack.enter_context(torch.random.fork_rng(devices=[ctx.device] if cuda else [], device_type="cuda"))
@@ -335,6 +333,13 @@ class _CheckpointedLayer(torch.autograd.Function):
         return (None, None, None, None, *grads_in)
 
 
+def _enter_forward_modes(stack: contextlib.ExitStack, ctx) -> None:
+    """For a rerun in backward: autograd on, and the autocast states the forward ran under."""
+    stack.enter_context(torch.enable_grad())
+    for device, dtype, cache in ctx.autocast:
+        stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+
+
 def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | None:
     """Phase 1 of a layer in halves (layer_split.py): restore h1, rerun the MLP half from it and
     backpropagate the layer's output gradient; returns dL/dh1."""
@@ -345,9 +350,7 @@ def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | 
     from loraforge.models.backward_recompute import recomputing_for_backward
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        for device, dtype, cache in ctx.autocast:
-            stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+        _enter_forward_modes(stack, ctx)
         stack.enter_context(recomputing_for_backward())
         output = layer_split.mlp_half(_layer_of(ctx.run), ctx.split[0], h1)
     torch.autograd.backward(output, grad_output)

@@ -249,6 +249,10 @@ def main() -> None:
         profiles = {impl: r.pop("profile", None) for impl, r in results.items()}
         (args.out / "train_step_profile.json").write_text(json.dumps(profiles, indent=1))
     ours = results.get("loraforge", {}).get("tokens_per_s")
+    # Switches that change loraforge's path (LORAFORGE_LAYER_SPLIT=0, ...) go into the row, so that runs
+    # made to attribute a change stay distinguishable in the CSV.
+    settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LORAFORGE_")
+                       and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL"))
     for impl, r in results.items():
         rows.append({"benchmark": f"train_step_llama{args.shape}_{layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
                      "impl": impl, "median_us": 1e6 * args.batch * args.seq / r["tokens_per_s"],
@@ -259,7 +263,7 @@ def main() -> None:
                              f"warmup steps {r['steady_peak_gib']:.2f}; loading "
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
-                             "fused AdamW"})  # fmt: skip
+                             "fused AdamW" + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)
 

@@ -61,6 +61,7 @@ comparison (the training step there is bound by the host).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -68,6 +69,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from loraforge.models import stacked_lora
 from loraforge.models.base_weight import base_bias, dense_weight, is_linear4bit
 from loraforge.models.identity_cache import IdentityCache
+from loraforge.ops import gated_lora_backward as gated_lora_ops
 from loraforge.ops import swiglu as swiglu_ops
 
 
@@ -430,6 +432,24 @@ def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor
     return [dx, *grads]
 
 
+# Fold the three narrow LoRA products that read the activation backward's outputs into its pass
+# (ops/gated_lora_backward.py). LORAFORGE_FOLD_GLU_LORA=0 keeps them as separate matmuls (comparisons); on
+# CUDA it is off unless set to 1 until a GPU benchmark has measured it (written 2026-12-07 without a device).
+FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "1") == "1"
+CUDA_FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "0") == "1"
+
+
+def _fold_lora_products(projs, gu, h_gu) -> bool:
+    """Whether the stacked MLP backward can fold its LoRA products into the activation backward: gate/up
+    stacked (gu, their [n, 2 I] buffer) with H = X A^T saved, adapters on all three, ranks the kernel takes."""
+    gate, up, down = projs
+    if gu is None or h_gu is None or down.A is None or gate.A is None:
+        return False
+    if not (CUDA_FOLD_GLU_LORA if gu.is_cuda else FOLD_GLU_LORA):
+        return False
+    return all(p.A.shape[0] <= gated_lora_ops.MAX_RANK for p in projs)
+
+
 def _unused_output(like: torch.Tensor, shape) -> torch.Tensor:
     """A stand-in output whose values nobody reads: zeros, one element broadcast (no memory)."""
     return like.new_zeros(()).expand(shape)
@@ -509,17 +529,25 @@ class LoRAMLPFunction(torch.autograd.Function):
             a, b, s = adapter_in(down.A, dout.dtype), adapter_in(down.B, dout.dtype), down.scaling
             grad_hd = (dout @ b).mul_(s)  # dL/d(Hm A^T), [n, r]
             dh.addmm_(grad_hd, a)
-        torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, ctx.activation)
+        d_dA = d_dB = grad_b_gu = None
+        if _fold_lora_products(ctx.projs, gu, h_g):
+            # The same pass also gives dG^T H_g, dU^T H_u and dHd^T Hm (ops/gated_lora_backward.py).
+            ranks = [p.A.shape[0] for p in (gate, up)]
+            *grad_b_gu, d_dA = torch.ops.loraforge.gated_lora_backward_(dh, g, u, ctx.activation,
+                                                                        *h_g.split(ranks, dim=1), grad_hd)  # fmt: skip
+            d_dA = cast(d_dA, down.A.dtype)
+        else:
+            torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, ctx.activation)
         h, dg, du = dh, g, u
-        d_dA = d_dB = None
         if down.A is not None:
             d_dB = adapter_grad(dout.t(), h @ a.t() if h_d is None else h_d, down.B.dtype, s)
-            d_dA = adapter_grad(grad_hd.t(), h, down.A.dtype)
+            if d_dA is None:
+                d_dA = adapter_grad(grad_hd.t(), h, down.A.dtype)
         del h, dh
         flat = _flat(x)
         if gu is not None:  # gu now holds [dG | dU]
-            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu,
-                                                                            weight_at_once=False, h=h_g)  # fmt: skip
+            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward(
+                (gate, up), flat, gu, weight_at_once=False, h=h_g, grad_b_blocks=grad_b_gu)
             return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None, h_g)
         dx, d_uA, d_uB = _backward(up, flat, du, dx, h_u)

@@ -154,9 +154,10 @@ def stacked_forward_h(projs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None = None,
-                     weight_at_once: bool = True, h: torch.Tensor | None = None):  # fmt: skip
+                     weight_at_once: bool = True, h: torch.Tensor | None = None, grad_b_blocks=None):  # fmt: skip
     """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O]. h: X A^T from
-    stacked_forward_h (recomputed from X when not given).
+    stacked_forward_h (recomputed from X when not given). grad_b_blocks: [dY_i^T H_i] (scalings not applied)
+    already computed elsewhere (the MLP's fused activation backward), so dY^T H is not formed here.
 
     weight_at_once=False forms dY W one base at a time (dY_i W_i summed, each W_i freed before the next
     is dequantized): the MLP's gate/up backward is where a layer's backward peaks, and the stacked
@@ -179,22 +180,27 @@ def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor 
     a, bd = stacked_adapters(projs, dy.dtype)
     grad_h = dy @ bd
     # The adapters' gradients straight in their own dtype (fp32 under PEFT: see adapter_grad).
-    grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t() if h is None else h, projs[0].B.dtype)
     grad_a_all = lora_autograd.adapter_grad(grad_h.t(), x, projs[0].A.dtype)
     grad_x.addmm_(grad_h, a)
+    if grad_b_blocks is not None:
+        grads_b = [lora_autograd.cast(g * p.scaling, p.B.dtype) for p, g in zip(projs, grad_b_blocks)]
+        return grad_x, per_projection_grads(projs, grad_a_all, None)[0], grads_b
+    grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t() if h is None else h, projs[0].B.dtype)
     grads_a, grads_b = per_projection_grads(projs, grad_a_all, grad_b_all)
     return grad_x, grads_a, grads_b
 
 
 def per_projection_grads(projs, grad_a_all: torch.Tensor, grad_b_all: torch.Tensor):
     """([dA_i], [dB_i]) from the gradients of the stacked A [R, in] and of the block-diagonal Bd [O, R]
-    (scalings not applied): dA_i are row blocks of the first (contiguous views, no copy), dB_i the
+    (scalings not applied; None: dB_i are not wanted, and None is returned for them): dA_i are row blocks of the first (contiguous views, no copy), dB_i the
     diagonal blocks of the second times s_i, each in its adapter's dtype."""
-    grads_a, grads_b = [], []
     ranks = [p.A.shape[0] for p in projs]
+    grads_a = [lora_autograd.cast(grad_a, p.A.dtype) for p, grad_a in zip(projs, grad_a_all.split(ranks))]
+    if grad_b_all is None:
+        return grads_a, None
+    grads_b = []
     col = 0
-    for proj, grad_a, rows_b, rank in zip(projs, grad_a_all.split(ranks), grad_b_all.split(out_sizes(projs)), ranks):
-        grads_a.append(lora_autograd.cast(grad_a, proj.A.dtype))
+    for proj, rows_b, rank in zip(projs, grad_b_all.split(out_sizes(projs)), ranks):
         grads_b.append(lora_autograd.cast(rows_b.narrow(1, col, rank) * proj.scaling, proj.B.dtype))
         col += rank
     return grads_a, grads_b

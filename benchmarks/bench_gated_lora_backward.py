@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness
 
 
 def make_inputs(n: int, cols: int, rank: int, rotations: int):

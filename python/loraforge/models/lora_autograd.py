@@ -178,7 +178,7 @@ class LoRAProjection:
     stacks those), whether it has a bias, its output size. patch.lora_projection builds a new one
     whenever the base's weight or bias is replaced, so these stay true for as long as one is in use."""
 
-    __slots__ = ("base", "A", "B", "scaling", "nf4", "has_bias", "out_features")
+    __slots__ = ("A", "B", "base", "has_bias", "nf4", "out_features", "scaling")
 
     def __init__(self, base: torch.nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float):
         self.base, self.A, self.B, self.scaling = base, A, B, scaling
@@ -311,7 +311,7 @@ class _DenseProjection:
     B are made in a_dtype and b_dtype (the adapters' own). Gate and up stacked are one of these, with
     the stacked A and the block-diagonal Bd (scalings inside) as A and B, and scaling 1."""
 
-    __slots__ = ("w", "bias", "a", "b", "scaling", "a_dtype", "b_dtype")
+    __slots__ = ("a", "a_dtype", "b", "b_dtype", "bias", "scaling", "w")
 
     def __init__(self, w, bias, a=None, b=None, scaling=1.0, adapters=(None, None)):
         self.w, self.bias, self.a, self.b, self.scaling = w, bias, a, b, scaling
@@ -442,7 +442,7 @@ CUDA_FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "0") == "1"
 def _fold_lora_products(projs, gu, h_gu) -> bool:
     """Whether the stacked MLP backward can fold its LoRA products into the activation backward: gate/up
     stacked (gu, their [n, 2 I] buffer) with H = X A^T saved, adapters on all three, ranks the kernel takes."""
-    gate, up, down = projs
+    gate, _, down = projs
     if gu is None or h_gu is None or down.A is None or gate.A is None:
         return False
     if not (CUDA_FOLD_GLU_LORA if gu.is_cuda else FOLD_GLU_LORA):

@@ -72,19 +72,27 @@ def llama8b_config(layers: int):
     )  # fmt: skip
 
 
-def write_checkpoint(folder: Path, layers: int | None, shape: str = "8b") -> None:
+def write_checkpoint(folder: Path, layers: int | None, shape: str = "8b", tokenizer: bool = True) -> None:
+    """The random Llama-shaped checkpoint (seed 0), and a tokenizer beside it unless `tokenizer` is False
+    (the weights need only torch and transformers, so they can be written before loraforge is built:
+    benchmarks/run_gpu.sh's callers start this in the background during the build)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(llama_config(shape, layers)).to(torch.bfloat16)
     model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    if tokenizer:
+        write_tokenizer(folder)
+
+
+def write_tokenizer(folder: Path) -> None:
     # Loaders want a tokenizer beside the weights; the step feeds random ids, so any will do.
     from loraforge.testing import build_tokenizer
 
     build_tokenizer().save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -95,6 +103,8 @@ def checkpoint_folder(checkpoint, layers: int | None, shape: str = "8b"):
         folder = Path(checkpoint or scratch)
         if not (folder / "config.json").exists():
             write_checkpoint(folder, layers, shape)
+        elif not (folder / "tokenizer_config.json").exists():
+            write_tokenizer(folder)
         yield str(folder)
 
 
@@ -211,9 +221,17 @@ def main() -> None:
                         "Python function) into DIR/train_step_cprofile_<impl>.txt")  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, default=None, help="keep the random checkpoint in this folder "
                         "(reused when it holds one already), e.g. for memory_at_peak.py --folder")  # fmt: skip
+    parser.add_argument("--weights-only", action="store_true", help="only write the checkpoint's weights into "
+                        "--checkpoint (no tokenizer, no loraforge import: can run while loraforge builds)")  # fmt: skip
     parser.add_argument("--variant", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.weights_only:
+        if args.checkpoint is None:
+            parser.error("--weights-only needs --checkpoint")
+        if not (args.checkpoint / "config.json").exists():
+            write_checkpoint(args.checkpoint, args.layers, args.shape, tokenizer=False)
+        return
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.folder, args.batch, args.seq, args.steps, args.warmup,
                                      args.profile, args.cprofile)))

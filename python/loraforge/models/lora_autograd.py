@@ -30,6 +30,9 @@ Backward from dOut: dHm from proj_d's rule (dHm = dOut W_d + s (dOut B_d) A_d ne
 one kernel makes dG = dHm * U * act'(G), dU = dHm * act(G) and Hm = act(G) * U (recomputed from the
 saved G and U, written where dHm was), then proj_d's dA and dB from Hm, then proj_g's and proj_u's
 rules with input X, dX summed over both. Saved: X, G, U (G and U are needed for act'(G)).
+With gate and up stacked, the kernel can also form the three narrow products that would otherwise
+read dG, dU and Hm once more (dG^T H_g and dU^T H_u for dB_g, dB_u; dHd^T Hm for dA_d) in the same
+pass (_fold_lora_products, ops/gated_lora_backward.py).
 
 Long sequences: the MLP in token chunks. G and U are the largest activations of a layer: for a
 Llama-3.1-8B shape (H = 4,096, I = 14,336, bf16) they are 2 I x 2 bytes = 57 KB a token saved from

@@ -442,6 +442,12 @@ FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "1") == "1"
 CUDA_FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "0") == "1"
 
 
+# Keep the dequantized [W_g; W_u] of a checkpoint's recompute for the backward that follows it (two NF4
+# dequantizations fewer a layer: ~0.1 ms at the 8B shape) at the cost of holding it (235 MB at that shape)
+# through down's backward. Off unless LORAFORGE_KEEP_RECOMPUTE_WEIGHT=1 (not yet measured, 2026-12-07).
+KEEP_RECOMPUTE_WEIGHT = os.environ.get("LORAFORGE_KEEP_RECOMPUTE_WEIGHT", "0") == "1"
+
+
 def _fold_lora_products(projs, gu, h_gu) -> bool:
     """Whether the stacked MLP backward can fold its LoRA products into the activation backward: gate/up
     stacked (gu, their [n, 2 I] buffer) with H = X A^T saved, adapters on all three, ranks the kernel takes."""
@@ -485,8 +491,11 @@ class LoRAMLPFunction(torch.autograd.Function):
                 return out.view(out_shape)
             # Saved: X, G and U (stacked: their [n, 2 I] buffer), and the adapters' X A^T of gate, up
             # (stacked: one [n, r_g + r_u]) and down (Hm A_d^T; None when down is skipped).
+            # A checkpoint's recompute is followed at once by this backward: its dequantized [W_g; W_u]
+            # can serve backward's dX instead of being dequantized again (KEEP_RECOMPUTE_WEIGHT).
+            ctx.kept = [] if output_unused and ctx.stacked and KEEP_RECOMPUTE_WEIGHT else None
             if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
-                gu, h_gu = stacked_lora.stacked_forward_h((gate, up), flat)
+                gu, h_gu = stacked_lora.stacked_forward_h((gate, up), flat, ctx.kept)
                 g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
                 saved = (xc, gu, None, h_gu, None)
             else:
@@ -549,8 +558,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         del h, dh
         flat = _flat(x)
         if gu is not None:  # gu now holds [dG | dU]
+            kept = getattr(ctx, "kept", None)
+            ctx.kept = None  # freed as soon as dX is formed
             dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward(
-                (gate, up), flat, gu, weight_at_once=False, h=h_g, grad_b_blocks=grad_b_gu)
+                (gate, up), flat, gu, weight_at_once=False, h=h_g, grad_b_blocks=grad_b_gu,
+                weight=kept.pop() if kept else None)
             return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None, h_g)
         dx, d_uA, d_uB = _backward(up, flat, du, dx, h_u)

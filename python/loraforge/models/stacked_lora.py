@@ -76,8 +76,9 @@ def _concat_pad(rank: int) -> int:
     return -(-rank // 8) * 8
 
 
-def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias) -> tuple[torch.Tensor, ...]:
-    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO)."""
+def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias, kept: list | None = None):
+    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO);
+    W (the first columns of [W | Bd]) appended to `kept` when given."""
     n, k = x.shape
     rank, width = a.shape[0], k + _concat_pad(a.shape[0])
     x_ext = x.new_empty((n, width))
@@ -90,6 +91,8 @@ def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, b
     w_ext[:, k : k + rank] = bd
     w_ext[:, k + rank :].zero_()
     y = x_ext @ w_ext.t() if bias is None else torch.addmm(bias, x_ext, w_ext.t())
+    if kept is not None:
+        kept.append(w_ext[:, :k])
     return y, h
 
 
@@ -133,17 +136,21 @@ def release_adapter_caches(params) -> None:
         _STACKED_ADAPTERS.pop(param)
 
 
-def stacked_forward_h(projs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stacked_forward_h(projs, x: torch.Tensor, kept: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Y = [Y_1 | ... | Y_k] [n, O], H = X A^T [n, R] or None without adapters) for X [n, in] (contiguous
     rows). H is what stacked_backward's dB needs: kept from here, it is not recomputed from X there.
-    Wide outputs (CONCAT_MIN_RATIO) take one matmul over the concatenated inner dimension."""
+    Wide outputs (CONCAT_MIN_RATIO) take one matmul over the concatenated inner dimension.
+    kept: a list that receives the dequantized stacked W [O, in] (rows possibly a stride apart), for a
+    backward that follows at once (stacked_backward's `weight`) instead of dequantizing it again."""
     # frozen biases: added in the matmul's epilogue
     bias = torch.cat([base_bias(p.base) for p in projs]).to(x.dtype) if projs[0].has_bias else None
     ratio = CUDA_CONCAT_MIN_RATIO if x.is_cuda else CONCAT_MIN_RATIO
     if projs[0].A is not None and sum(out_sizes(projs)) >= ratio * x.shape[1]:
-        return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias)
+        return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias, kept)
     weight = stacked_weight(projs, x.dtype, x.device)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    if kept is not None:
+        kept.append(weight)
     del weight
     h = None
     if projs[0].A is not None:
@@ -154,17 +161,21 @@ def stacked_forward_h(projs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None = None,
-                     weight_at_once: bool = True, h: torch.Tensor | None = None, grad_b_blocks=None):  # fmt: skip
+                     weight_at_once: bool = True, h: torch.Tensor | None = None, grad_b_blocks=None,
+                     weight: torch.Tensor | None = None):  # fmt: skip
     """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O]. h: X A^T from
     stacked_forward_h (recomputed from X when not given). grad_b_blocks: [dY_i^T H_i] (scalings not applied)
     already computed elsewhere (the MLP's fused activation backward), so dY^T H is not formed here.
+    weight: the stacked W [O, in] already dequantized (stacked_forward_h's `kept`), used as it is.
 
     weight_at_once=False forms dY W one base at a time (dY_i W_i summed, each W_i freed before the next
     is dequantized): the MLP's gate/up backward is where a layer's backward peaks, and the stacked
     [2 I, H] weight alive there costs one [I, H] more (117 MB for the 8B shape) than needed. Two
     [n, I] x [I, H] products are as efficient as one [n, 2 I] x [2 I, H]; it costs one launch."""
     sizes = out_sizes(projs)
-    if weight_at_once:
+    if weight is not None:
+        grad_x = dy @ weight if dx is None else dx.addmm_(dy, weight)
+    elif weight_at_once:
         w = stacked_weight(projs, dy.dtype, dy.device)
         grad_x = dy @ w if dx is None else dx.addmm_(dy, w)
         del w

@@ -129,7 +129,9 @@ def load(impl: str, folder: str, seq: int):
     if impl == "loraforge":
         from loraforge import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=torch.bfloat16)
+        # LORAFORGE_BENCH_DTYPE=float32: the same step in fp32 (a numerics reference for the bf16 rows' losses)
+        dtype = getattr(torch, os.environ.get("LORAFORGE_BENCH_DTYPE", "bfloat16"))
+        model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=dtype)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
     if impl == "liger":
@@ -181,7 +183,7 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": max(warmup_peak, steady_peak),
               "steady_peak_gib": steady_peak,
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
-              "load_peak_gib": load_peak}  # fmt: skip
+              "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses]}  # fmt: skip
     if profile:  # after the timed steps, so it cannot disturb them
         from benchmarks.profile_train_step import profile_step
 
@@ -270,7 +272,7 @@ def main() -> None:
     # Switches that change loraforge's path (LORAFORGE_LAYER_SPLIT=0, ...) go into the row, so that runs
     # made to attribute a change stay distinguishable in the CSV.
     settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LORAFORGE_")
-                       and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL"))
+                       and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL"))  # fmt: skip
     for impl, r in results.items():
         rows.append({"benchmark": f"train_step_llama{args.shape}_{layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
                      "impl": impl, "median_us": 1e6 * args.batch * args.seq / r["tokens_per_s"],

@@ -30,9 +30,6 @@ Backward from dOut: dHm from proj_d's rule (dHm = dOut W_d + s (dOut B_d) A_d ne
 one kernel makes dG = dHm * U * act'(G), dU = dHm * act(G) and Hm = act(G) * U (recomputed from the
 saved G and U, written where dHm was), then proj_d's dA and dB from Hm, then proj_g's and proj_u's
 rules with input X, dX summed over both. Saved: X, G, U (G and U are needed for act'(G)).
-With gate and up stacked, the kernel can also form the three narrow products that would otherwise
-read dG, dU and Hm once more (dG^T H_g and dU^T H_u for dB_g, dB_u; dHd^T Hm for dA_d) in the same
-pass (_fold_lora_products, ops/gated_lora_backward.py).
 
 Long sequences: the MLP in token chunks. G and U are the largest activations of a layer: for a
 Llama-3.1-8B shape (H = 4,096, I = 14,336, bf16) they are 2 I x 2 bytes = 57 KB a token saved from
@@ -64,7 +61,6 @@ comparison (the training step there is bound by the host).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -72,7 +68,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from loraforge.models import stacked_lora
 from loraforge.models.base_weight import base_bias, dense_weight, is_linear4bit
 from loraforge.models.identity_cache import IdentityCache
-from loraforge.ops import gated_lora_backward as gated_lora_ops
 from loraforge.ops import swiglu as swiglu_ops
 
 
@@ -181,7 +176,7 @@ class LoRAProjection:
     stacks those), whether it has a bias, its output size. patch.lora_projection builds a new one
     whenever the base's weight or bias is replaced, so these stay true for as long as one is in use."""
 
-    __slots__ = ("A", "B", "base", "has_bias", "nf4", "out_features", "scaling")
+    __slots__ = ("base", "A", "B", "scaling", "nf4", "has_bias", "out_features")
 
     def __init__(self, base: torch.nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float):
         self.base, self.A, self.B, self.scaling = base, A, B, scaling
@@ -314,7 +309,7 @@ class _DenseProjection:
     B are made in a_dtype and b_dtype (the adapters' own). Gate and up stacked are one of these, with
     the stacked A and the block-diagonal Bd (scalings inside) as A and B, and scaling 1."""
 
-    __slots__ = ("a", "a_dtype", "b", "b_dtype", "bias", "scaling", "w")
+    __slots__ = ("w", "bias", "a", "b", "scaling", "a_dtype", "b_dtype")
 
     def __init__(self, w, bias, a=None, b=None, scaling=1.0, adapters=(None, None)):
         self.w, self.bias, self.a, self.b, self.scaling = w, bias, a, b, scaling
@@ -435,30 +430,6 @@ def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor
     return [dx, *grads]
 
 
-# Fold the three narrow LoRA products that read the activation backward's outputs into its pass
-# (ops/gated_lora_backward.py). LORAFORGE_FOLD_GLU_LORA=0 keeps them as separate matmuls (comparisons); on
-# CUDA it is off unless set to 1 until a GPU benchmark has measured it (written 2026-12-07 without a device).
-FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "1") == "1"
-CUDA_FOLD_GLU_LORA = os.environ.get("LORAFORGE_FOLD_GLU_LORA", "0") == "1"
-
-
-# Keep the dequantized [W_g; W_u] of a checkpoint's recompute for the backward that follows it (two NF4
-# dequantizations fewer a layer: ~0.1 ms at the 8B shape) at the cost of holding it (235 MB at that shape)
-# through down's backward. Off unless LORAFORGE_KEEP_RECOMPUTE_WEIGHT=1 (not yet measured, 2026-12-07).
-KEEP_RECOMPUTE_WEIGHT = os.environ.get("LORAFORGE_KEEP_RECOMPUTE_WEIGHT", "0") == "1"
-
-
-def _fold_lora_products(projs, gu, h_gu) -> bool:
-    """Whether the stacked MLP backward can fold its LoRA products into the activation backward: gate/up
-    stacked (gu, their [n, 2 I] buffer) with H = X A^T saved, adapters on all three, ranks the kernel takes."""
-    gate, _, down = projs
-    if gu is None or h_gu is None or down.A is None or gate.A is None:
-        return False
-    if not (CUDA_FOLD_GLU_LORA if gu.is_cuda else FOLD_GLU_LORA):
-        return False
-    return all(p.A.shape[0] <= gated_lora_ops.MAX_RANK for p in projs)
-
-
 def _unused_output(like: torch.Tensor, shape) -> torch.Tensor:
     """A stand-in output whose values nobody reads: zeros, one element broadcast (no memory)."""
     return like.new_zeros(()).expand(shape)
@@ -491,11 +462,8 @@ class LoRAMLPFunction(torch.autograd.Function):
                 return out.view(out_shape)
             # Saved: X, G and U (stacked: their [n, 2 I] buffer), and the adapters' X A^T of gate, up
             # (stacked: one [n, r_g + r_u]) and down (Hm A_d^T; None when down is skipped).
-            # A checkpoint's recompute is followed at once by this backward: its dequantized [W_g; W_u]
-            # can serve backward's dX instead of being dequantized again (KEEP_RECOMPUTE_WEIGHT).
-            ctx.kept = [] if output_unused and ctx.stacked and KEEP_RECOMPUTE_WEIGHT else None
             if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
-                gu, h_gu = stacked_lora.stacked_forward_h((gate, up), flat, ctx.kept)
+                gu, h_gu = stacked_lora.stacked_forward_h((gate, up), flat)
                 g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
                 saved = (xc, gu, None, h_gu, None)
             else:
@@ -541,28 +509,17 @@ class LoRAMLPFunction(torch.autograd.Function):
             a, b, s = adapter_in(down.A, dout.dtype), adapter_in(down.B, dout.dtype), down.scaling
             grad_hd = (dout @ b).mul_(s)  # dL/d(Hm A^T), [n, r]
             dh.addmm_(grad_hd, a)
-        d_dA = d_dB = grad_b_gu = None
-        if _fold_lora_products(ctx.projs, gu, h_g):
-            # The same pass also gives dG^T H_g, dU^T H_u and dHd^T Hm (ops/gated_lora_backward.py).
-            ranks = [p.A.shape[0] for p in (gate, up)]
-            *grad_b_gu, d_dA = torch.ops.loraforge.gated_lora_backward_(dh, g, u, ctx.activation,
-                                                                        *h_g.split(ranks, dim=1), grad_hd)  # fmt: skip
-            d_dA = cast(d_dA, down.A.dtype)
-        else:
-            torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, ctx.activation)
+        torch.ops.loraforge.gated_activation_backward_h_(dh, g, u, ctx.activation)
         h, dg, du = dh, g, u
+        d_dA = d_dB = None
         if down.A is not None:
             d_dB = adapter_grad(dout.t(), h @ a.t() if h_d is None else h_d, down.B.dtype, s)
-            if d_dA is None:
-                d_dA = adapter_grad(grad_hd.t(), h, down.A.dtype)
+            d_dA = adapter_grad(grad_hd.t(), h, down.A.dtype)
         del h, dh
         flat = _flat(x)
         if gu is not None:  # gu now holds [dG | dU]
-            kept = getattr(ctx, "kept", None)
-            ctx.kept = None  # freed as soon as dX is formed
-            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward(
-                (gate, up), flat, gu, weight_at_once=False, h=h_g, grad_b_blocks=grad_b_gu,
-                weight=kept.pop() if kept else None)
+            dx, (d_gA, d_uA), (d_gB, d_uB) = stacked_lora.stacked_backward((gate, up), flat, gu,
+                                                                            weight_at_once=False, h=h_g)  # fmt: skip
             return cast(dx.view_as(x), ctx.x_dtype), d_gA, d_gB, d_uA, d_uB, d_dA, d_dB, None, None, None, None, None
         dx, d_gA, d_gB = _backward(gate, flat, dg, None, h_g)
         dx, d_uA, d_uB = _backward(up, flat, du, dx, h_u)

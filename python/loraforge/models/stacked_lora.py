@@ -62,12 +62,16 @@ def stacked_weight(projs, dtype: torch.dtype, device: torch.device, out: torch.T
 # input, Y = [X | H] [W | Bd]^T in one matmul instead of Y = X W^T, then Y += H Bd^T. The second product
 # reads and writes all of Y: for the 8B shape's gate/up (Y [4,096, 28,672]) a 0.24 ms memory-bound pass
 # (H100 profile of 2026-12-07: 64 a step, 15.5 ms), against a copy of X into [X | H] (n x in) and
-# R more inner columns in the big matmul. Y is rounded once instead of twice.
-# On CUDA it is off unless LORAFORGE_CONCAT_MIN_RATIO is set (e.g. 3): its row-strided dequantization
-# kernel has not yet run on a GPU (no device came in the session that wrote it, 2026-12-07); the GPU
-# tests in tests/models/test_stacked_lora.py check it bit for bit. Set huge to compare without on CPU.
+# R more inner columns in the big matmul.
+#
+# Y is also rounded once instead of twice, and that matters for training: in Y = round(round(X W^T) +
+# H Bd^T) every LoRA contribution smaller than half a 16-bit ulp of X W^T is lost, which is most of
+# them early in training (bf16 keeps 8 bits: |delta| < 0.2% of |Y|). PEFT's bf16 forward and Unsloth's do
+# that. The 8B benchmark shows it (H100, 2026-12-07, results/train_step.csv, the same 7 steps from the
+# same weights): loss 12.567 -> 11.380 with two roundings (Unsloth: 11.379), 11.262 with the
+# concatenation, 11.163 in fp32. Where the ratio is lower (Q/K/V, 1.5) the two-matmul path remains.
+# LORAFORGE_CONCAT_MIN_RATIO overrides the threshold (a huge value turns the concatenation off).
 CONCAT_MIN_RATIO = float(os.environ.get("LORAFORGE_CONCAT_MIN_RATIO", "3"))
-CUDA_CONCAT_MIN_RATIO = float(os.environ.get("LORAFORGE_CONCAT_MIN_RATIO", "inf"))
 
 
 def _concat_pad(rank: int) -> int:
@@ -76,9 +80,8 @@ def _concat_pad(rank: int) -> int:
     return -(-rank // 8) * 8
 
 
-def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias, kept: list | None = None):
-    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO);
-    W (the first columns of [W | Bd]) appended to `kept` when given."""
+def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias) -> tuple[torch.Tensor, ...]:
+    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO)."""
     n, k = x.shape
     rank, width = a.shape[0], k + _concat_pad(a.shape[0])
     x_ext = x.new_empty((n, width))
@@ -91,8 +94,6 @@ def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, b
     w_ext[:, k : k + rank] = bd
     w_ext[:, k + rank :].zero_()
     y = x_ext @ w_ext.t() if bias is None else torch.addmm(bias, x_ext, w_ext.t())
-    if kept is not None:
-        kept.append(w_ext[:, :k])
     return y, h
 
 
@@ -136,21 +137,16 @@ def release_adapter_caches(params) -> None:
         _STACKED_ADAPTERS.pop(param)
 
 
-def stacked_forward_h(projs, x: torch.Tensor, kept: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stacked_forward_h(projs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Y = [Y_1 | ... | Y_k] [n, O], H = X A^T [n, R] or None without adapters) for X [n, in] (contiguous
     rows). H is what stacked_backward's dB needs: kept from here, it is not recomputed from X there.
-    Wide outputs (CONCAT_MIN_RATIO) take one matmul over the concatenated inner dimension.
-    kept: a list that receives the dequantized stacked W [O, in] (rows possibly a stride apart), for a
-    backward that follows at once (stacked_backward's `weight`) instead of dequantizing it again."""
+    Wide outputs (CONCAT_MIN_RATIO) take one matmul over the concatenated inner dimension."""
     # frozen biases: added in the matmul's epilogue
     bias = torch.cat([base_bias(p.base) for p in projs]).to(x.dtype) if projs[0].has_bias else None
-    ratio = CUDA_CONCAT_MIN_RATIO if x.is_cuda else CONCAT_MIN_RATIO
-    if projs[0].A is not None and sum(out_sizes(projs)) >= ratio * x.shape[1]:
-        return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias, kept)
+    if projs[0].A is not None and sum(out_sizes(projs)) >= CONCAT_MIN_RATIO * x.shape[1]:
+        return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias)
     weight = stacked_weight(projs, x.dtype, x.device)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-    if kept is not None:
-        kept.append(weight)
     del weight
     h = None
     if projs[0].A is not None:
@@ -161,21 +157,16 @@ def stacked_forward_h(projs, x: torch.Tensor, kept: list | None = None) -> tuple
 
 
 def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None = None,
-                     weight_at_once: bool = True, h: torch.Tensor | None = None, grad_b_blocks=None,
-                     weight: torch.Tensor | None = None):  # fmt: skip
+                     weight_at_once: bool = True, h: torch.Tensor | None = None):  # fmt: skip
     """(dX [n, in] (accumulated into dx when given), [dA_i], [dB_i]) from dY [n, O]. h: X A^T from
-    stacked_forward_h (recomputed from X when not given). grad_b_blocks: [dY_i^T H_i] (scalings not applied)
-    already computed elsewhere (the MLP's fused activation backward), so dY^T H is not formed here.
-    weight: the stacked W [O, in] already dequantized (stacked_forward_h's `kept`), used as it is.
+    stacked_forward_h (recomputed from X when not given).
 
     weight_at_once=False forms dY W one base at a time (dY_i W_i summed, each W_i freed before the next
     is dequantized): the MLP's gate/up backward is where a layer's backward peaks, and the stacked
     [2 I, H] weight alive there costs one [I, H] more (117 MB for the 8B shape) than needed. Two
     [n, I] x [I, H] products are as efficient as one [n, 2 I] x [2 I, H]; it costs one launch."""
     sizes = out_sizes(projs)
-    if weight is not None:
-        grad_x = dy @ weight if dx is None else dx.addmm_(dy, weight)
-    elif weight_at_once:
+    if weight_at_once:
         w = stacked_weight(projs, dy.dtype, dy.device)
         grad_x = dy @ w if dx is None else dx.addmm_(dy, w)
         del w
@@ -191,27 +182,22 @@ def stacked_backward(projs, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor 
     a, bd = stacked_adapters(projs, dy.dtype)
     grad_h = dy @ bd
     # The adapters' gradients straight in their own dtype (fp32 under PEFT: see adapter_grad).
+    grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t() if h is None else h, projs[0].B.dtype)
     grad_a_all = lora_autograd.adapter_grad(grad_h.t(), x, projs[0].A.dtype)
     grad_x.addmm_(grad_h, a)
-    if grad_b_blocks is not None:
-        grads_b = [lora_autograd.cast(g * p.scaling, p.B.dtype) for p, g in zip(projs, grad_b_blocks)]
-        return grad_x, per_projection_grads(projs, grad_a_all, None)[0], grads_b
-    grad_b_all = lora_autograd.adapter_grad(dy.t(), x @ a.t() if h is None else h, projs[0].B.dtype)
     grads_a, grads_b = per_projection_grads(projs, grad_a_all, grad_b_all)
     return grad_x, grads_a, grads_b
 
 
 def per_projection_grads(projs, grad_a_all: torch.Tensor, grad_b_all: torch.Tensor):
     """([dA_i], [dB_i]) from the gradients of the stacked A [R, in] and of the block-diagonal Bd [O, R]
-    (scalings not applied; None: dB_i are not wanted, and None is returned for them): dA_i are row blocks of the first (contiguous views, no copy), dB_i the
+    (scalings not applied): dA_i are row blocks of the first (contiguous views, no copy), dB_i the
     diagonal blocks of the second times s_i, each in its adapter's dtype."""
+    grads_a, grads_b = [], []
     ranks = [p.A.shape[0] for p in projs]
-    grads_a = [lora_autograd.cast(grad_a, p.A.dtype) for p, grad_a in zip(projs, grad_a_all.split(ranks))]
-    if grad_b_all is None:
-        return grads_a, None
-    grads_b = []
     col = 0
-    for proj, rows_b, rank in zip(projs, grad_b_all.split(out_sizes(projs)), ranks):
+    for proj, grad_a, rows_b, rank in zip(projs, grad_a_all.split(ranks), grad_b_all.split(out_sizes(projs)), ranks):
+        grads_a.append(lora_autograd.cast(grad_a, proj.A.dtype))
         grads_b.append(lora_autograd.cast(rows_b.narrow(1, col, rank) * proj.scaling, proj.B.dtype))
         col += rank
     return grads_a, grads_b

@@ -10,4 +10,3 @@ from loraforge.ops import fused_linear_cross_entropy  # noqa: F401  (registers l
 from loraforge.ops import rmsnorm  # noqa: F401  (registers loraforge::rms_norm, rms_norm_backward)
 from loraforge.ops import rope  # noqa: F401  (registers loraforge::rope, rope_backward, rope_)
 from loraforge.ops import swiglu  # noqa: F401  (registers loraforge::gated_activation, gated_activation_backward[_])
-from loraforge.ops import gated_lora_backward  # noqa: F401  (registers loraforge::gated_lora_backward_)

@@ -107,14 +107,15 @@ def test_dequantize_into_rows_of_a_wider_buffer_matches_bit_for_bit(dtype, seed)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_one_rounding_keeps_lora_contributions_below_half_an_ulp(device, seed, monkeypatch):
+@pytest.mark.parametrize("ranks, outs", [((8, 8), (128, 128)), ((16,), (64,))], ids=["gate-up", "one-projection"])
+def test_one_rounding_keeps_lora_contributions_below_half_an_ulp(device, ranks, outs, seed, monkeypatch):
     """bf16, adapters adding ~0.03% of the base output (under half a bf16 ulp for most entries, as early
     in training): Y = round(round(X W^T) + delta) drops most of delta; the concatenated path, rounded
     once, keeps it. Measured as the share of delta that reaches Y: sum((Y - X W^T) delta) / sum(delta^2)
-    in float64 (about 0.2 for two roundings, 1.0 for one, over 128k outputs)."""
+    in float64 (about 0.2 for two roundings, 1.0 for one, over 32k-128k outputs)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    projs = _projections(ranks=(8, 8), outs=(128, 128), inputs=64)
+    projs = _projections(ranks=ranks, outs=outs, inputs=64)
     with torch.no_grad():
         for p in projs:
             p.B.mul_(1e-4 / p.B.abs().mean() / p.scaling)
@@ -123,7 +124,7 @@ def test_one_rounding_keeps_lora_contributions_below_half_an_ulp(device, seed, m
                 p.A.data, p.B.data = p.A.data.cuda(), p.B.data.cuda()
     x = torch.randn(512, 64, device=device).bfloat16()
     kept = {}
-    for name, ratio in (("two roundings", float("inf")), ("one rounding", 3)):
+    for name, ratio in (("two roundings", float("inf")), ("one rounding", 1)):
         monkeypatch.setattr(stacked_lora, "CONCAT_MIN_RATIO", ratio)
         y, h = stacked_lora.stacked_forward_h(projs, x)
         _, bd = stacked_lora.stacked_adapters(projs, torch.bfloat16)

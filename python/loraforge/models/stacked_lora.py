@@ -58,20 +58,22 @@ def stacked_weight(projs, dtype: torch.dtype, device: torch.device, out: torch.T
     return weight
 
 
-# Inner-dimension concatenation (stacked_forward_h): where the output is this many times wider than the
-# input, Y = [X | H] [W | Bd]^T in one matmul instead of Y = X W^T, then Y += H Bd^T. The second product
-# reads and writes all of Y: for the 8B shape's gate/up (Y [4,096, 28,672]) a 0.24 ms memory-bound pass
-# (H100 profile of 2026-12-07: 64 a step, 15.5 ms), against a copy of X into [X | H] (n x in) and
-# R more inner columns in the big matmul.
+# Inner-dimension concatenation (stacked_forward_h): where the output is at least this many times as wide
+# as the input, Y = [X | H] [W | Bd]^T in one matmul instead of Y = X W^T, then Y += H Bd^T. The second
+# product reads and writes all of Y: for the 8B shape's gate/up (Y [4,096, 28,672]) a 0.24 ms memory-bound
+# pass (H100 profile of 2026-12-07: 64 a step, 15.5 ms), against a copy of X into [X | H] (n x in) and
+# R more inner columns in the big matmul. At a ratio of 1 the copy moves as many bytes as the pass it
+# replaces (Q/K/V at 1.5 and the output projection at 1 take it too; a single NF4 projection runs as a
+# stack of one, lora_autograd._forward_h); the down projection (0.29) keeps the two matmuls.
 #
 # Y is also rounded once instead of twice, and that matters for training: in Y = round(round(X W^T) +
 # H Bd^T) every LoRA contribution smaller than half a 16-bit ulp of X W^T is lost, which is most of
 # them early in training (bf16 keeps 8 bits: |delta| < 0.2% of |Y|). PEFT's bf16 forward and Unsloth's do
 # that. The 8B benchmark shows it (H100, 2026-12-07, results/train_step.csv, the same 7 steps from the
 # same weights): loss 12.567 -> 11.380 with two roundings (Unsloth: 11.379), 11.262 with the
-# concatenation, 11.163 in fp32. Where the ratio is lower (Q/K/V, 1.5) the two-matmul path remains.
+# concatenation of gate/up alone (ratio 3 then), 11.163 in fp32.
 # LORAFORGE_CONCAT_MIN_RATIO overrides the threshold (a huge value turns the concatenation off).
-CONCAT_MIN_RATIO = float(os.environ.get("LORAFORGE_CONCAT_MIN_RATIO", "3"))
+CONCAT_MIN_RATIO = float(os.environ.get("LORAFORGE_CONCAT_MIN_RATIO", "1"))
 
 
 def _concat_pad(rank: int) -> int:

@@ -12,13 +12,17 @@ from loraforge.train import layer_split
 
 def _grads_and_activation_calls(path, mode, seed, monkeypatch):
     calls = []
-    real = lora_autograd.swiglu_ops.gated_activation
 
-    def counting(*args, **kwargs):
-        calls.append(outputs_feed_only_backward())
-        return real(*args, **kwargs)
+    def counting(real):
+        def counted(*args, **kwargs):
+            calls.append(outputs_feed_only_backward())
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_autograd.swiglu_ops, "gated_activation", counting)
+        return counted
+
+    # the activation, into a new tensor or (NF4 down projection, stacked_lora's concatenation) a wide buffer
+    monkeypatch.setattr(lora_autograd.swiglu_ops, "gated_activation", counting(lora_autograd.swiglu_ops.gated_activation))
+    monkeypatch.setattr(torch.ops.loraforge, "gated_activation_into", counting(torch.ops.loraforge.gated_activation_into))
     monkeypatch.setattr(layer_split, "_VERIFIED", {})  # the layer class's split rule is checked afresh
     model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,

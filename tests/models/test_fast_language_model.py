@@ -59,10 +59,13 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     loss_ours, grads_ours = _loss_and_grads(ours, batch)
     layers = ours.config.num_hidden_layers
     # NF4 bases run Q/K/V and gate/up stacked (forward, checkpoint recompute, backward); 16-bit ones do not.
-    # The output projection runs as a stack of one in forward (stacked_lora.CONCAT_MIN_RATIO); its
-    # recompute computes only X A^T where its output goes straight to the residual (all but Gemma 2).
+    # The output and down projections run as stacks of one in forward (stacked_lora's concatenation). The
+    # output projection's recompute computes only X A^T where its output goes straight to the residual
+    # (all but Gemma 2); the MLP's recompute skips down likewise. The layer split's rule check runs one
+    # MLP (+2).
     o_proj = layers if RULES[arch].attention_output_to_residual else 2 * layers
-    expected = (2 * 2 * layers + o_proj + 1, 2 * layers) if load_in_4bit else (0, 0)
+    down = layers if RULES[arch].mlp_output_to_residual else 2 * layers
+    expected = (2 * 2 * layers + o_proj + down + 2, 2 * layers) if load_in_4bit else (0, 0)
     assert (calls["forward"], calls["backward"]) == expected
     loss_plain, grads_plain = _loss_and_grads(plain, batch)
     assert torch.allclose(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)

@@ -133,3 +133,23 @@ def test_one_rounding_keeps_lora_contributions_below_half_an_ulp(device, ranks, 
         kept[name] = (((y.double() - base) * delta).sum() / (delta * delta).sum()).item()
     assert 0.8 < kept["one rounding"] < 1.2, kept
     assert kept["two roundings"] < 0.5, kept
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_input_written_into_a_wide_buffer_needs_no_copy(device, seed):
+    """X already in the first columns of a wide_input buffer (how the MLP hands Hm to down): the same Y
+    and H, bit for bit, as X passed on its own and copied into [X | H], at a ratio below the threshold."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    projs = _projections(ranks=(6,), outs=(24,), inputs=96)  # down-like: 4x narrower out than in
+    if device == "cuda":
+        for p in projs:
+            p.base.cuda()
+            p.A.data, p.B.data = p.A.data.cuda(), p.B.data.cuda()
+    x = torch.randn(29, 96, device=device).bfloat16()
+    wide = stacked_lora.wide_input(29, projs, x)
+    assert wide.shape == (29, 96 + 8)
+    wide[:, :96] = x
+    y_wide, h_wide = stacked_lora.stacked_forward_h(projs, wide[:, :96], wide)
+    y_copy, h_copy = stacked_lora._forward_concat(projs, x, *stacked_lora.stacked_adapters(projs, x.dtype), None)
+    assert torch.equal(h_wide, h_copy) and torch.equal(y_wide, y_copy)

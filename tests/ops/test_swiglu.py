@@ -204,3 +204,29 @@ def test_op_on_gpu_within_rule(seed, reuse):
         grad_gate, grad_up = torch.autograd.grad(h, (gate_act, up_act), grad_h)
         assert (grad_gate.data_ptr() == gate_act.data_ptr()) == reuse
         check_all((h.detach(), grad_gate, grad_up), gate, up, grad_h, activation, activation)
+
+
+def test_gated_activation_into_the_columns_of_a_wider_buffer(seed):
+    """gated_activation_into: h written into out, here the first columns of a wider buffer (the fused MLP's
+    [Hm | adapter columns]): the reference and the CUDA kernel path (through the interpreter on CPU) give
+    bit for bit what the forward op's reference and CUDA kernels give, and write nothing else."""
+    fused = torch.randn(37, 2 * 80).to(torch.bfloat16).to(DEVICE) * 3
+    gate, up = fused.chunk(2, dim=-1)
+    for activation in ACTIVATIONS:
+        for into, forward in ((glu_ops._into_reference, glu_ops._forward_reference),
+                              (glu_ops._into_cuda, glu_ops._forward_cuda)):  # fmt: skip
+            wide = torch.full((37, 80 + 16), 7.0, dtype=torch.bfloat16, device=DEVICE)
+            into(gate, up, activation, wide[:, :80])
+            assert torch.equal(wide[:, :80], forward(gate, up, activation, False))
+            assert bool((wide[:, 80:] == 7.0).all())
+
+
+def test_gated_activation_into_opcheck_and_bad_input():
+    gate, up = torch.randn(5, 24), torch.randn(5, 24)
+    torch.library.opcheck(torch.ops.loraforge.gated_activation_into.default, (gate, up, "gelu", torch.empty(5, 24)))
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor on cpu of gate's shape \[5, 24\]"):
+        torch.ops.loraforge.gated_activation_into(gate, up, "silu", torch.empty(5, 23))
+    with pytest.raises(ValueError, match="out must be a torch.float32"):
+        torch.ops.loraforge.gated_activation_into(gate, up, "silu", torch.empty(5, 24, dtype=torch.float16))
+    with pytest.raises(ValueError, match="out must be contiguous or a 2-D view of rows"):
+        torch.ops.loraforge.gated_activation_into(gate, up, "silu", torch.empty(24, 5).t())

@@ -434,6 +434,12 @@ def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor
     return [dx, *grads]
 
 
+def _down_concatenates(down: LoRAProjection) -> bool:
+    """Whether the MLP's down projection takes the concatenation from a wide Hm buffer (an NF4 base with
+    an adapter, the concatenation not switched off): Y = [Hm | H] [W | s B]^T, rounded once."""
+    return down.nf4 and down.A is not None and stacked_lora.CONCAT_MIN_RATIO != float("inf")
+
+
 def _unused_output(like: torch.Tensor, shape) -> torch.Tensor:
     """A stand-in output whose values nobody reads: zeros, one element broadcast (no memory)."""
     return like.new_zeros(()).expand(shape)
@@ -476,8 +482,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             if output_unused:
                 ctx.save_for_backward(*saved, None)
                 return _unused_output(xc, out_shape)
-            h = swiglu_ops.gated_activation(g, u, activation, False)  # grad is off here: the kernel alone
-            out, h_d = _forward_h(down, h)
+            if _down_concatenates(down):  # Hm written next to down's adapter columns: one rounding, no copy
+                wide = stacked_lora.wide_input(flat.shape[0], (down,), xc)
+                h = wide[:, : g.shape[1]]
+                torch.ops.loraforge.gated_activation_into(g, u, activation, h)
+                out, h_d = stacked_lora.stacked_forward_h((down,), h, wide)
+            else:
+                h = swiglu_ops.gated_activation(g, u, activation, False)  # grad is off here: the kernel alone
+                out, h_d = _forward_h(down, h)
             ctx.save_for_backward(*saved, h_d)
             return out.view(out_shape)
 

@@ -82,12 +82,24 @@ def _concat_pad(rank: int) -> int:
     return -(-rank // 8) * 8
 
 
-def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias) -> tuple[torch.Tensor, ...]:
-    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO)."""
+def wide_input(n: int, projs, like: torch.Tensor) -> torch.Tensor:
+    """An [n, in + R padded] buffer whose first `in` columns a producer can write X into, so that
+    stacked_forward_h(projs, buffer[:, :in], wide=buffer) concatenates without copying X."""
+    rank = sum(p.A.shape[0] for p in projs)
+    return like.new_empty((n, int(projs[0].base.in_features) + _concat_pad(rank)))
+
+
+def _forward_concat(projs, x: torch.Tensor, a: torch.Tensor, bd: torch.Tensor, bias,
+                    wide: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """(Y, H) as stacked_forward_h returns them, Y from one matmul of [X | H] and [W | Bd] (CONCAT_MIN_RATIO).
+    wide: [X | free columns] already (wide_input), X its first columns: no copy of X."""
     n, k = x.shape
     rank, width = a.shape[0], k + _concat_pad(a.shape[0])
-    x_ext = x.new_empty((n, width))
-    x_ext[:, :k] = x
+    if wide is None:
+        x_ext = x.new_empty((n, width))
+        x_ext[:, :k] = x
+    else:
+        x_ext = wide
     h = torch.mm(x, a.t())
     x_ext[:, k : k + rank] = h
     x_ext[:, k + rank :].zero_()
@@ -139,14 +151,15 @@ def release_adapter_caches(params) -> None:
         _STACKED_ADAPTERS.pop(param)
 
 
-def stacked_forward_h(projs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Y = [Y_1 | ... | Y_k] [n, O], H = X A^T [n, R] or None without adapters) for X [n, in] (contiguous
-    rows). H is what stacked_backward's dB needs: kept from here, it is not recomputed from X there.
-    Wide outputs (CONCAT_MIN_RATIO) take one matmul over the concatenated inner dimension."""
+def stacked_forward_h(projs, x: torch.Tensor, wide: torch.Tensor | None = None):
+    """(Y = [Y_1 | ... | Y_k] [n, O], H = X A^T [n, R] or None without adapters) for X [n, in] (rows with a
+    unit last stride). H is what stacked_backward's dB needs: kept from here, it is not recomputed from X
+    there. Wide outputs (CONCAT_MIN_RATIO) take one matmul over the concatenated inner dimension, and so
+    does any X that lies in a `wide` buffer (wide_input: X = wide[:, :in]), at any ratio."""
     # frozen biases: added in the matmul's epilogue
     bias = torch.cat([base_bias(p.base) for p in projs]).to(x.dtype) if projs[0].has_bias else None
-    if projs[0].A is not None and sum(out_sizes(projs)) >= CONCAT_MIN_RATIO * x.shape[1]:
-        return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias)
+    if wide is not None or (projs[0].A is not None and sum(out_sizes(projs)) >= CONCAT_MIN_RATIO * x.shape[1]):
+        return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias, wide)
     weight = stacked_weight(projs, x.dtype, x.device)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     del weight

@@ -151,6 +151,48 @@ def _forward_fake(gate, up, activation, reuse_inputs_in_backward):
     return gate.new_empty(gate.shape)
 
 
+def _check_out(gate, out) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != gate.shape or out.dtype != gate.dtype \
+            or out.device != gate.device:  # fmt: skip
+        raise ValueError(f"out must be a {gate.dtype} tensor on {gate.device} of gate's shape {list(gate.shape)}, "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}")  # fmt: skip
+    if not _rows_in_place(out):
+        raise ValueError(f"out must be contiguous or a 2-D view of rows with a unit last stride, got strides "
+                         f"{list(out.stride())}")  # fmt: skip
+
+
+def _into_reference(gate, up, activation, out):
+    _check_args(gate, up, activation)
+    _check_out(gate, out)
+    out.copy_(gated_activation_reference(gate, up, activation))
+
+
+def _into_cuda(gate, up, activation, out):
+    _check_args(gate, up, activation)
+    _check_out(gate, out)
+    if out.numel() == 0:
+        return
+    rows = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+    with _native.on_device(gate.device):
+        _triton().swiglu_forward(_rows(gate), _rows(up), activation, rows)
+
+
+def _into_fake(gate, up, activation, out):
+    _check_args(gate, up, activation)
+    _check_out(gate, out)
+
+
+# h = act(gate) * up written into `out`, which may be the first columns of a wider buffer (the fused MLP
+# writes Hm next to the down projection's adapter columns: stacked_lora's concatenation without a copy).
+gated_activation_into = define_op(
+    "gated_activation_into(Tensor gate, Tensor up, str activation, Tensor(a!) out) -> ()",
+    reference=_into_reference,
+    cpu=_into_reference,
+    cuda=_into_cuda,
+    fake=_into_fake,
+)
+
+
 def _backward_reference(grad_h, gate, up, activation):
     _check_backward_args(grad_h, gate, up, activation)
     grad_gate, grad_up = gated_activation_backward_reference(grad_h, gate, up, activation)

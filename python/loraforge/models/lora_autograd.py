@@ -436,8 +436,10 @@ def _chunked_mlp_backward(projs, stacked: bool, activation: str, x: torch.Tensor
 
 def _down_concatenates(down: LoRAProjection) -> bool:
     """Whether the MLP's down projection takes the concatenation from a wide Hm buffer (an NF4 base with
-    an adapter, the concatenation not switched off): Y = [Hm | H] [W | s B]^T, rounded once."""
-    return down.nf4 and down.A is not None and stacked_lora.CONCAT_MIN_RATIO != float("inf")
+    an adapter): Y = [Hm | H] [W | s B]^T, rounded once. It costs no copy, so it goes with the threshold
+    that concatenates every projection whose copy costs no more than the pass it saves (CONCAT_MIN_RATIO
+    at most 1, the default); LORAFORGE_CONCAT_MIN_RATIO=3 keeps only gate/up's, as measured 2026-12-07."""
+    return down.nf4 and down.A is not None and stacked_lora.CONCAT_MIN_RATIO <= 1
 
 
 def _unused_output(like: torch.Tensor, shape) -> torch.Tensor:

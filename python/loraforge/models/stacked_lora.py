@@ -64,7 +64,8 @@ def stacked_weight(projs, dtype: torch.dtype, device: torch.device, out: torch.T
 # pass (H100 profile of 2026-12-07: 64 a step, 15.5 ms), against a copy of X into [X | H] (n x in) and
 # R more inner columns in the big matmul. At a ratio of 1 the copy moves as many bytes as the pass it
 # replaces (Q/K/V at 1.5 and the output projection at 1 take it too; a single NF4 projection runs as a
-# stack of one, lora_autograd._forward_h); the down projection (0.29) keeps the two matmuls.
+# stack of one, lora_autograd._forward_h). The down projection (0.29) would need a copy of Hm 3.5x the
+# pass saved; instead the fused MLP writes Hm straight into a wide buffer (wide_input, at ratios <= 1).
 #
 # Y is also rounded once instead of twice, and that matters for training: in Y = round(round(X W^T) +
 # H Bd^T) every LoRA contribution smaller than half a 16-bit ulp of X W^T is lost, which is most of

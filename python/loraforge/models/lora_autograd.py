@@ -189,7 +189,7 @@ def _forward_h(proj: LoRAProjection, x: torch.Tensor) -> tuple[torch.Tensor, tor
     """(Y, H = X A^T) for X [n, i]; H is None without an adapter. Backward takes H back (_backward).
     An NF4 base with an adapter, at least stacked_lora.CONCAT_MIN_RATIO times wider out than in, runs as
     a stack of one: Y = [X | H] [W | s B]^T, rounded once (see stacked_lora)."""
-    if proj.nf4 and proj.A is not None and proj.out_features >= stacked_lora.CONCAT_MIN_RATIO * x.shape[1]:
+    if proj.nf4 and stacked_lora.concatenates((proj,), x.shape[1]):
         return stacked_lora.stacked_forward_h((proj,), x)
     dtype = x.dtype
     y = x @ dense_weight(proj.base, dtype).t()

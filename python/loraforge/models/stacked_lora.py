@@ -83,6 +83,12 @@ def _concat_pad(rank: int) -> int:
     return -(-rank // 8) * 8
 
 
+def concatenates(projs, in_features: int) -> bool:
+    """Whether stacked_forward_h takes the concatenation for these projections (with adapters) at this input
+    width: their stacked output at least CONCAT_MIN_RATIO times as wide."""
+    return projs[0].A is not None and sum(out_sizes(projs)) >= CONCAT_MIN_RATIO * in_features
+
+
 def wide_input(n: int, projs, like: torch.Tensor) -> torch.Tensor:
     """An [n, in + R padded] buffer whose first `in` columns a producer can write X into, so that
     stacked_forward_h(projs, buffer[:, :in], wide=buffer) concatenates without copying X."""
@@ -159,7 +165,7 @@ def stacked_forward_h(projs, x: torch.Tensor, wide: torch.Tensor | None = None):
     does any X that lies in a `wide` buffer (wide_input: X = wide[:, :in]), at any ratio."""
     # frozen biases: added in the matmul's epilogue
     bias = torch.cat([base_bias(p.base) for p in projs]).to(x.dtype) if projs[0].has_bias else None
-    if wide is not None or (projs[0].A is not None and sum(out_sizes(projs)) >= CONCAT_MIN_RATIO * x.shape[1]):
+    if wide is not None or concatenates(projs, x.shape[1]):
         return _forward_concat(projs, x, *stacked_adapters(projs, x.dtype), bias, wide)
     weight = stacked_weight(projs, x.dtype, x.device)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())

@@ -151,7 +151,8 @@ def _forward_fake(gate, up, activation, reuse_inputs_in_backward):
     return gate.new_empty(gate.shape)
 
 
-def _check_out(gate, out) -> None:
+def _check_into_args(gate, up, activation: str, out) -> None:
+    _check_args(gate, up, activation)
     if not isinstance(out, torch.Tensor) or out.shape != gate.shape or out.dtype != gate.dtype \
             or out.device != gate.device:  # fmt: skip
         raise ValueError(f"out must be a {gate.dtype} tensor on {gate.device} of gate's shape {list(gate.shape)}, "
@@ -162,14 +163,12 @@ def _check_out(gate, out) -> None:
 
 
 def _into_reference(gate, up, activation, out):
-    _check_args(gate, up, activation)
-    _check_out(gate, out)
+    _check_into_args(gate, up, activation, out)
     out.copy_(gated_activation_reference(gate, up, activation))
 
 
 def _into_cuda(gate, up, activation, out):
-    _check_args(gate, up, activation)
-    _check_out(gate, out)
+    _check_into_args(gate, up, activation, out)
     if out.numel() == 0:
         return
     rows = out if out.dim() == 2 else out.view(-1, out.shape[-1])
@@ -178,8 +177,7 @@ def _into_cuda(gate, up, activation, out):
 
 
 def _into_fake(gate, up, activation, out):
-    _check_args(gate, up, activation)
-    _check_out(gate, out)
+    _check_into_args(gate, up, activation, out)
 
 
 # h = act(gate) * up written into `out`, which may be the first columns of a wider buffer (the fused MLP

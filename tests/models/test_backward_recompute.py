@@ -7,7 +7,14 @@ import torch
 
 from loraforge.models import FastLanguageModel, lora_autograd
 from loraforge.models.backward_recompute import outputs_feed_only_backward, recomputing_for_backward
-from loraforge.train import layer_split
+from loraforge.train import layer_split, offloaded_checkpointing
+
+
+@pytest.fixture(autouse=True)
+def _every_layer_checkpointed(monkeypatch):
+    """These tests count what each layer's recompute does: no layer is kept out of the checkpoint
+    (offloaded_checkpointing.KEEP_LAST_LAYERS, tested in test_fast_language_model.py)."""
+    monkeypatch.setattr(offloaded_checkpointing, "KEEP_LAST_LAYERS", 0)
 
 
 def _grads_and_activation_calls(path, mode, seed, monkeypatch):
@@ -24,6 +31,7 @@ def _grads_and_activation_calls(path, mode, seed, monkeypatch):
     monkeypatch.setattr(lora_autograd.swiglu_ops, "gated_activation", counting(lora_autograd.swiglu_ops.gated_activation))
     monkeypatch.setattr(torch.ops.loraforge, "gated_activation_into", counting(torch.ops.loraforge.gated_activation_into))
     monkeypatch.setattr(layer_split, "_VERIFIED", {})  # the layer class's split rule is checked afresh
+    monkeypatch.setattr(offloaded_checkpointing, "KEEP_LAST_LAYERS", 0)  # (the undo below drops the fixture's)
     model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
                                              use_gradient_checkpointing=mode)  # fmt: skip

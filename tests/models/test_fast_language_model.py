@@ -1,5 +1,7 @@
 """FastLanguageModel with fused LoRA against plain transformers + PEFT on the same weights."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -40,8 +42,10 @@ def _loss_and_grads(model, batch):
 def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, seed, monkeypatch):
     from loraforge.models import stacked_lora
     from loraforge.train import layer_split
+    from loraforge.train import offloaded_checkpointing as oc
 
     ours, plain, tokenizer = _pair(saved_models[arch], load_in_4bit, seed % 1000)
+    monkeypatch.setattr(oc, "_KEPT_LAYERS", weakref.WeakSet())  # every layer checkpointed, as counted below
     norms = [m for m in ours.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all("forward" in m.__dict__ for m in norms)  # every RMSNorm takes our kernel
     batch = tokenizer(["The cat sat on the warm mat.", "Rain falls softly on the roof today"],
@@ -62,10 +66,12 @@ def test_loss_and_lora_gradients_match_peft(saved_models, arch, load_in_4bit, se
     # The output and down projections run as stacks of one in forward (stacked_lora's concatenation). The
     # output projection's recompute computes only X A^T where its output goes straight to the residual
     # (all but Gemma 2); the MLP's recompute skips down likewise. The layer split's rule check runs one
-    # MLP (+2).
+    # MLP (+2). The recompute takes the Q/K/V products kept from the forward where the checkpoint keeps
+    # them (offloaded_checkpointing.QKV_EVERY: every QKV_EVERY-th layer but the last).
     o_proj = layers if RULES[arch].attention_output_to_residual else 2 * layers
     down = layers if RULES[arch].mlp_output_to_residual else 2 * layers
-    expected = (2 * 2 * layers + o_proj + down + 2, 2 * layers) if load_in_4bit else (0, 0)
+    kept_qkv = len(range(0, layers - 1, oc.QKV_EVERY)) if oc.QKV_EVERY > 0 else 0
+    expected = (2 * 2 * layers + o_proj + down + 2 - kept_qkv, 2 * layers) if load_in_4bit else (0, 0)
     assert (calls["forward"], calls["backward"]) == expected
     loss_plain, grads_plain = _loss_and_grads(plain, batch)
     assert torch.allclose(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)
@@ -146,6 +152,92 @@ def test_offloaded_checkpointing_gives_the_same_gradients(saved_models, device, 
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="use_gradient_checkpointing"):
         FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="sometimes")
+
+
+def test_last_layers_kept_out_of_the_offloaded_checkpoint(saved_models, seed, monkeypatch):
+    """KEEP_LAST_LAYERS = 1: the last decoder layer runs as it is (no recompute), the others through the
+    checkpoint, and the gradients are those of the fully checkpointed model; above KEEP_LAST_MAX_TOKENS
+    tokens in the batch every layer is checkpointed."""
+    from loraforge.train import offloaded_checkpointing as oc
+
+    grads, checkpointed = {}, {}
+    for keep, max_tokens in ((0, 8192), (1, 8192), (1, 15)):  # 2 x 10 tokens: above a cap of 15
+        monkeypatch.setattr(oc, "KEEP_LAST_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(oc, "KEEP_LAST_LAYERS", keep)
+        monkeypatch.setattr(oc, "_KEPT_LAYERS", weakref.WeakSet())
+        model, tokenizer = FastLanguageModel.from_pretrained(saved_models["llama"], dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
+        layers = model.base_model.model.model.layers
+        assert set(oc._KEPT_LAYERS) == set(layers[len(layers) - keep :])
+        keep = keep if max_tokens > 15 else "over the cap"
+        calls = []
+        real = oc._CheckpointedLayer.apply
+        counted = lambda *a, calls=calls, real=real: calls.append(1) or real(*a)
+        monkeypatch.setattr(oc._CheckpointedLayer, "apply", counted)
+        batch = tokenizer(["Snow is white and cold.", "A dog ran"], return_tensors="pt", padding=True)
+        _, grads[keep] = _loss_and_grads(model, batch)
+        checkpointed[keep] = len(calls)
+        monkeypatch.setattr(oc._CheckpointedLayer, "apply", real)
+    assert checkpointed == {0: len(layers), 1: len(layers) - 1, "over the cap": len(layers)}
+    for name in grads[0]:
+        for other in (1, "over the cap"):
+            torch.testing.assert_close(grads[other][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("gate_up, qkv, arch", [(1, 0, "llama"), (0, 1, "llama")]
+                         + [(1, 1, arch) for arch in testing.ARCHITECTURES])  # fmt: skip
+def test_products_kept_from_the_forward_give_the_same_gradients(saved_models, device, gate_up, qkv, arch, seed,
+                                                                monkeypatch):  # fmt: skip
+    """GATE_UP_EVERY / QKV_EVERY = 1: the first layer's fused MLP and Q/K/V hand their stacked products to
+    the checkpoint (on a GPU: offloaded to host and prefetched back) and the layer's rerun takes them
+    instead of recomputing them (one stacked forward of each kind fewer); the gradients are those of the
+    plain recompute. On a GPU every saved tensor is offloaded, however small (the tiny model's are)."""
+    from loraforge.models import stacked_lora
+    from loraforge.train import offloaded_checkpointing as oc
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(oc, "_MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(oc, "KEEP_LAST_LAYERS", 0)  # every layer checkpointed, as counted below
+    grads, forwards = {}, {}
+    for setting in ((0, 0, 8192), (gate_up, qkv, 8192), (gate_up, qkv, 15)):  # 2 x 10 tokens: over a cap of 15
+        monkeypatch.setattr(oc, "GATE_UP_EVERY", setting[0])
+        monkeypatch.setattr(oc, "QKV_EVERY", setting[1])
+        monkeypatch.setattr(oc, "KEPT_PRODUCTS_MAX_TOKENS", setting[2])
+        monkeypatch.setattr(oc, "_KEPT_PRODUCTS", weakref.WeakKeyDictionary())
+        device_map = "auto" if device == "cuda" else None
+        model, tokenizer = FastLanguageModel.from_pretrained(saved_models[arch], load_in_4bit=True, dtype=torch.float32,
+                                                             device_map=device_map)  # fmt: skip
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
+        layers = model.base_model.model.model.layers
+        kinds = {"gate_up"} if setting[0] else set()  # chosen whatever the cap: it applies per call
+        kinds |= {"qkv"} if setting[1] else set()
+        # all but the last layer, every first: the first of two
+        assert dict(oc._KEPT_PRODUCTS) == ({layers[0]: kinds} if kinds else {})
+        calls = []
+        real = stacked_lora.stacked_forward_h
+
+        def counted(projs, *args, _calls=calls, _real=real, **kwargs):
+            _calls.append(len(projs))  # 2: gate/up, 3: Q/K/V
+            return _real(projs, *args, **kwargs)
+
+        monkeypatch.setattr(stacked_lora, "stacked_forward_h", counted)
+        batch = tokenizer(["Snow is white and cold.", "A dog ran"], return_tensors="pt", padding=True).to(device)
+        model.train()
+        model(**batch, labels=batch["input_ids"])  # a first forward: the layer split checks its rule once
+        calls.clear()
+        _, grads[setting] = _loss_and_grads(model, batch)
+        forwards[setting] = (calls.count(2), calls.count(3))
+        monkeypatch.setattr(stacked_lora, "stacked_forward_h", real)
+    # 2 layers: forward and recompute of each; the first layer's recompute takes what it kept (not over the
+    # cap of tokens)
+    assert forwards == {(0, 0, 8192): (4, 4), (gate_up, qkv, 8192): (4 - gate_up, 4 - qkv), (gate_up, qkv, 15): (4, 4)}
+    for setting in ((gate_up, qkv, 8192), (gate_up, qkv, 15)):
+        for name in grads[(0, 0, 8192)]:
+            torch.testing.assert_close(grads[setting][name], grads[(0, 0, 8192)][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_training_loss_takes_the_fused_cross_entropy(saved_models):

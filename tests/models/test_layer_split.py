@@ -10,6 +10,15 @@ from loraforge.models import FastLanguageModel, lora_autograd
 from loraforge.train import layer_split
 
 
+@pytest.fixture(autouse=True)
+def _every_layer_checkpointed(monkeypatch):
+    """These tests count what each layer's recompute does: no layer is kept out of the checkpoint
+    (offloaded_checkpointing.KEEP_LAST_LAYERS, tested in test_fast_language_model.py)."""
+    from loraforge.train import offloaded_checkpointing
+
+    monkeypatch.setattr(offloaded_checkpointing, "KEEP_LAST_LAYERS", 0)
+
+
 def _train_step(path, mode, seed, record=None):
     model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,

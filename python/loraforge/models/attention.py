@@ -49,8 +49,9 @@ from collections.abc import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from loraforge.models import kept_attention
 from loraforge.models.architectures import AttentionRules
-from loraforge.models.backward_recompute import attention_output_feeds_only_backward
+from loraforge.models.backward_recompute import attention_output_feeds_only_backward, keeps_products
 from loraforge.models.lora_autograd import LoRALinearFunction, LoRAQKVFunction
 from loraforge.ops import rope as rope_ops
 
@@ -155,7 +156,9 @@ def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Calla
         cos, sin = position_embeddings
         if rope_supports(query, key, cos, sin):
             # No autograd: rotate the fresh q and k in place (they are ours, nothing else holds them).
-            query, key = rope_ops.apply_rotary_pos_emb(query, key, cos, sin, inplace=not torch.is_grad_enabled())
+            # (Not when the layer keeps its Q/K/V product for the rerun: backward_recompute.keeping_products.)
+            inplace = not torch.is_grad_enabled() and not keeps_products("qkv")
+            query, key = rope_ops.apply_rotary_pos_emb(query, key, cos, sin, inplace=inplace)
         else:
             query, key = rotary(query, key, cos, sin)
 
@@ -169,7 +172,10 @@ def make_attention_forward(rules: AttentionRules, eager: Callable, rotary: Calla
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
         options = {"dropout": self.attention_dropout if self.training else 0.0, "scaling": self.scaling,
                    **extra, **kwargs}  # fmt: skip
-        if _split_by_kv_head(self, query, key, attention_mask):
+        kept = kept_attention.kept_or_keeping(self, query, key, value, attention_mask, options)
+        if kept is not None:  # kept from (or for) the checkpoint's rerun: train/offloaded_checkpointing.py
+            attn_output, attn_weights = kept, None
+        elif _split_by_kv_head(self, query, key, attention_mask):
             groups = query.shape[1] // key.shape[1]
             parts = [attention_interface(self, q, k, v, attention_mask, **options)[0]
                      for q, k, v in zip(query.split(groups, 1), key.split(1, 1), value.split(1, 1))]  # fmt: skip

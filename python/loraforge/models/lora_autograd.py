@@ -65,7 +65,7 @@ import contextlib
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from loraforge.models import stacked_lora
+from loraforge.models import backward_recompute, stacked_lora
 from loraforge.models.base_weight import base_bias, dense_weight, is_linear4bit
 from loraforge.models.identity_cache import IdentityCache
 from loraforge.ops import swiglu as swiglu_ops
@@ -176,7 +176,7 @@ class LoRAProjection:
     stacks those), whether it has a bias, its output size. patch.lora_projection builds a new one
     whenever the base's weight or bias is replaced, so these stay true for as long as one is in use."""
 
-    __slots__ = ("base", "A", "B", "scaling", "nf4", "has_bias", "out_features")
+    __slots__ = ("A", "B", "base", "has_bias", "nf4", "out_features", "scaling")
 
     def __init__(self, base: torch.nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float):
         self.base, self.A, self.B, self.scaling = base, A, B, scaling
@@ -218,6 +218,18 @@ def _backward(proj: LoRAProjection, x: torch.Tensor, dy: torch.Tensor, dx: torch
     grad_a = adapter_grad(grad_h.t(), x, proj.A.dtype)
     grad_x.addmm_(grad_h, a)
     return grad_x, grad_a, grad_b
+
+
+def _stacked_product(kind: str, projs, x: torch.Tensor, columns: int, dtype: torch.dtype):
+    """stacked_lora.stacked_forward_h(projs, x), or the (Y, H) that this layer's checkpointed forward kept
+    for its rerun (backward_recompute.keeping_products: no matmul then); handed on when this is a forward
+    that keeps its products."""
+    kept = backward_recompute.take_product(kind, x.shape[0], columns, dtype)
+    y, h = kept if kept is not None else stacked_lora.stacked_forward_h(projs, x)
+    sink = backward_recompute.product_sink(kind)
+    if sink is not None:
+        sink[kind] = (y, h)
+    return y, h
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -266,9 +278,10 @@ class LoRAQKVFunction(torch.autograd.Function):
             shape = (*x.shape[:-1], -1)
             ctx.stacked = stacked_lora.stackable(projs)
             if ctx.stacked:  # one [n, q+k+v] product; q, k, v are column views of it
-                y, h = stacked_lora.stacked_forward_h(projs, flat)
+                sizes = stacked_lora.out_sizes(projs)
+                y, h = _stacked_product("qkv", projs, flat, sum(sizes), dtype)
                 ctx.save_for_backward(xc, h)
-                yq, yk, yv = y.split(stacked_lora.out_sizes(projs), dim=1)
+                yq, yk, yv = y.split(sizes, dim=1)
                 return yq.view(shape), yk.view(shape), yv.view(shape)
             outputs = [_forward_h(p, flat) for p in projs]
             ctx.save_for_backward(xc, *(h for _, h in outputs))
@@ -313,7 +326,7 @@ class _DenseProjection:
     B are made in a_dtype and b_dtype (the adapters' own). Gate and up stacked are one of these, with
     the stacked A and the block-diagonal Bd (scalings inside) as A and B, and scaling 1."""
 
-    __slots__ = ("w", "bias", "a", "b", "scaling", "a_dtype", "b_dtype")
+    __slots__ = ("a", "a_dtype", "b", "b_dtype", "bias", "scaling", "w")
 
     def __init__(self, w, bias, a=None, b=None, scaling=1.0, adapters=(None, None)):
         self.w, self.bias, self.a, self.b, self.scaling = w, bias, a, b, scaling
@@ -475,8 +488,9 @@ class LoRAMLPFunction(torch.autograd.Function):
             # Saved: X, G and U (stacked: their [n, 2 I] buffer), and the adapters' X A^T of gate, up
             # (stacked: one [n, r_g + r_u]) and down (Hm A_d^T; None when down is skipped).
             if ctx.stacked:  # G and U as the two column halves of one [n, 2 I] product
-                gu, h_gu = stacked_lora.stacked_forward_h((gate, up), flat)
-                g, u = gu.split(stacked_lora.out_sizes((gate, up)), dim=1)
+                sizes = stacked_lora.out_sizes((gate, up))
+                gu, h_gu = _stacked_product("gate_up", (gate, up), flat, sum(sizes), dtype)
+                g, u = gu.split(sizes, dim=1)
                 saved = (xc, gu, None, h_gu, None)
             else:
                 (g, h_g), (u, h_u) = _forward_h(gate, flat), _forward_h(up, flat)

@@ -35,6 +35,7 @@ does, only when the layer holds a dropout with p > 0 in training mode.
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import torch
@@ -50,7 +51,7 @@ _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a
 # ahead keeps one more input alive: 12 by the last layer of the 8B forward, 0.39 GiB at the forward's
 # memory peak (benchmarks/memory_phases.py, H100, 2026-12-07). Four (two layers checkpointed in halves)
 # still leave the GPU two layers of queued work.
-MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT = int(os.environ.get("LORAFORGE_OFFLOAD_IN_FLIGHT", "4") or 4)
 
 _STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
 
@@ -69,7 +70,7 @@ def _current_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class _Offloaded:
-    __slots__ = ("host", "device", "done", "gpu", "version", "prev", "fetched", "fetched_event", "__weakref__")
+    __slots__ = ("__weakref__", "device", "done", "fetched", "fetched_event", "gpu", "host", "prev", "then", "version")
 
     def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
         self.device = tensor.device
@@ -84,6 +85,7 @@ class _Offloaded:
         # The tensor saved just before this one (a weak link: a graph that is dropped unused must not
         # keep its predecessors' host buffers alive); backward will ask for it next.
         self.prev = weakref.ref(prev) if prev is not None else None
+        self.then = ()  # weak links to more items to prefetch after prev (kept products: _pack_split_layer)
         self.fetched = self.fetched_event = None
 
     def prefetch(self, side: torch.cuda.Stream) -> None:
@@ -110,9 +112,10 @@ class _Offloaded:
             compute.wait_event(self.fetched_event)
             tensor = self.fetched
         self.gpu = self.fetched = None
-        previous = self.prev() if self.prev is not None else None
-        if previous is not None:
-            previous.prefetch(side)
+        for link in (self.prev, *self.then):
+            item = link() if link is not None else None
+            if item is not None:
+                item.prefetch(side)
         return tensor
 
 
@@ -123,6 +126,7 @@ class _OffloadHooks:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.in_flight: list[_Offloaded] = []
         self.last: dict[torch.device, weakref.ref] = {}
+        self.gate_up: weakref.ref | None = None  # the last kept gate/up product not yet linked (_pack_split_layer)
 
     def _reap(self) -> None:
         """Drop GPU references whose host copy has completed, without waiting for the others. (Until
@@ -146,15 +150,18 @@ class _OffloadHooks:
                 pending.append(item)
         self.in_flight = pending
 
-    def pack(self, tensor: torch.Tensor):
+    def pack(self, tensor: torch.Tensor, chained: bool = True):
+        """chained=False: the item is not linked into the chain of prefetches (its restore prefetches
+        nothing, and the next item's prev is not it); whoever packs it links it with `then`."""
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < _MIN_OFFLOAD_BYTES:
             return tensor
         side = self.streams.get(tensor.device)
         if side is None:  # (not setdefault: that would make, and drop, a new Stream at every call)
             side = self.streams[tensor.device] = torch.cuda.Stream(tensor.device)
-        last = self.last.get(tensor.device)
+        last = self.last.get(tensor.device) if chained else None
         item = _Offloaded(tensor, side, last() if last is not None else None)
-        self.last[tensor.device] = weakref.ref(item)
+        if chained:
+            self.last[tensor.device] = weakref.ref(item)
         self._reap()
         self.in_flight.append(item)
         self._limit_in_flight()
@@ -265,13 +272,18 @@ class _CheckpointedLayer(torch.autograd.Function):
         # backward's restore of h1 prefetches x.
         layer = _layer_of(run) if offload and not replay_rng else None
         ctx.split = layer_split.rule_of(layer)
-        ctx.h1 = None
+        ctx.h1, ctx.kept = None, {}
         if ctx.split is not None:
-            output, h1 = layer_split.forward_capturing_h1(run, args, layer, ctx.split[0])
+            kinds = _KEPT_PRODUCTS.get(layer) if _tokens(args) <= KEPT_PRODUCTS_MAX_TOKENS else None
+            kept = {} if kinds else None
+            if kept is not None:
+                from loraforge.models.backward_recompute import keeping_products  # (loraforge.models imports us)
+            with contextlib.nullcontext() if kept is None else keeping_products(kept, kinds):
+                output, h1 = layer_split.forward_capturing_h1(run, args, layer, ctx.split[0])
             if h1 is None:
                 ctx.split = None
             else:
-                ctx.h1 = _HOOKS.pack(h1)
+                _pack_split_layer(ctx, h1, kept)
         else:
             output = run(*args)
         tensors = (output,) if isinstance(output, torch.Tensor) else output
@@ -309,7 +321,7 @@ class _CheckpointedLayer(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
             # The rerun's outputs only feed the backward below: layers may skip what nothing reads.
             # (Imported here: loraforge.models imports this module.)
-            from loraforge.models.backward_recompute import recomputing_for_backward
+            from loraforge.models.backward_recompute import recomputing_for_backward, reusing_products
 
             if ctx.split is None:
                 stack.enter_context(recomputing_for_backward())
@@ -318,6 +330,11 @@ class _CheckpointedLayer(torch.autograd.Function):
                 outputs = (None,)
             else:  # phase 2: up to h1, whose value nothing reads (nor, by the rule, the attention output's)
                 stack.enter_context(recomputing_for_backward(attention_output_unused=ctx.split[1]))
+                # kept from the forward: the rerun takes them instead of recomputing them
+                reuse = {kind: (_HOOKS.unpack(kept[0]), kept[1]) for kind, kept in ctx.kept.items()}
+                ctx.kept = {}
+                if reuse:
+                    stack.enter_context(reusing_products(reuse))
                 outputs = layer_split.attention_half(ctx.run, inputs)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
         pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
@@ -328,9 +345,33 @@ class _CheckpointedLayer(torch.autograd.Function):
             from loraforge.models.stacked_lora import release_adapter_caches
 
             release_adapter_caches(_trainable_parameters(layer))
-        ctx.run = None
+        ctx.run, ctx.kept = None, None
         grads_in = (t.grad if want and isinstance(t, torch.Tensor) else None for t, want in zip(inputs, wants))
         return (None, None, None, None, *grads_in)
+
+
+def _pack_split_layer(ctx, h1: torch.Tensor, kept: dict | None) -> None:
+    """Offload what a layer in halves keeps: h1, and the stacked products it keeps for its rerun
+    (_KEPT_PRODUCTS). Those are out of the chain of prefetches; h1's restore, at the start of the layer's
+    backward, prefetches after the layer's input x its own Q/K/V product (needed in phase 2, 50 MB of an
+    8B layer at 2 x 2,048 tokens) and the gate/up product of the layer before (needed one layer later:
+    235 MB, ~4.5 ms over PCIe)."""
+    waiting, _HOOKS.gate_up = _HOOKS.gate_up, None
+    for kind, (product, h) in (kept or {}).items():
+        ctx.kept[kind] = (_HOOKS.pack(product, chained=False), h)
+    links = []
+    for kind in ("qkv", "attention"):  # needed in phase 2, which follows phase 1 at once
+        kept_now = ctx.kept.get(kind)
+        if kept_now is not None and isinstance(kept_now[0], _Offloaded):
+            links.append(weakref.ref(kept_now[0]))
+    gate_up = ctx.kept.get("gate_up")
+    if waiting is not None:
+        links.append(waiting)
+    if gate_up is not None and isinstance(gate_up[0], _Offloaded):
+        _HOOKS.gate_up = weakref.ref(gate_up[0])
+    ctx.h1 = _HOOKS.pack(h1)
+    if links and isinstance(ctx.h1, _Offloaded):
+        ctx.h1.then = tuple(links)
 
 
 def _enter_forward_modes(stack: contextlib.ExitStack, ctx) -> None:
@@ -344,21 +385,72 @@ def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | 
     """Phase 1 of a layer in halves (layer_split.py): restore h1, rerun the MLP half from it and
     backpropagate the layer's output gradient; returns dL/dh1."""
     h1 = _HOOKS.unpack(ctx.h1).detach().requires_grad_(True)
-    ctx.h1 = None
+    ctx.h1, gate_up = None, ctx.kept.pop("gate_up", None)
     if grad_output is None:
         return None
-    from loraforge.models.backward_recompute import recomputing_for_backward
+    from loraforge.models.backward_recompute import recomputing_for_backward, reusing_products
 
     with contextlib.ExitStack() as stack:
         _enter_forward_modes(stack, ctx)
         stack.enter_context(recomputing_for_backward())
+        if gate_up is not None:  # kept from the forward: the rerun takes it instead of recomputing it
+            stack.enter_context(reusing_products({"gate_up": (_HOOKS.unpack(gate_up[0]), gate_up[1])}))
         output = layer_split.mlp_half(_layer_of(ctx.run), ctx.split[0], h1)
     torch.autograd.backward(output, grad_output)
     return h1.grad
 
 
+# The last KEEP_LAST_LAYERS decoder layers run without a checkpoint (LORAFORGE_KEEP_LAST_LAYERS, default 1)
+# when a batch holds at most KEEP_LAST_MAX_TOKENS tokens: their backward follows the loss at once, so
+# their saved activations live only across the loss, and their recompute (~1/L of the step's recompute,
+# plus the offload round trips) is saved. They raise the memory at the loss by about one layer's
+# activations, which grow with the tokens: hence the cap (long sequences checkpoint every layer).
+# Measured on the 8B step at 2 x 2,048 tokens (H100, 2026-12-07): 343.6 -> 340.6 ms (56cd331) and
+# 333.1 -> 328.8 ms (7a929da), peak +0.23-0.27 GiB (6.95 GiB against Unsloth's 7.03); the last two layers:
+# 338.7 ms at 7.38 GiB.
+KEEP_LAST_LAYERS = int(os.environ.get("LORAFORGE_KEEP_LAST_LAYERS", "1") or 0)
+KEEP_LAST_MAX_TOKENS = 8192
+_KEPT_LAYERS = weakref.WeakSet()  # the layers offloaded_checkpoint runs as they are
+
+# Every GATE_UP_EVERY-th decoder layer in halves (from the first; not the last) also offloads its
+# fused MLP's [G | U] product, and its MLP half's rerun takes it back instead of recomputing the gate/up
+# matmul (4 n H I FLOPs: ~1.4 ms of an 8B layer at 2 x 2,048 tokens on an H100) and dequantizing its
+# bases; every QKV_EVERY-th likewise its Q/K/V product (2 n H (H + 2 H_kv) FLOPs, ~0.3 ms there). The
+# price is PCIe time, 2 bytes an entry each way (235 MB and 50 MB there), which the forward's copies to
+# host must hide behind the forward's own compute (LORAFORGE_OFFLOAD_GATE_UP_EVERY and
+# LORAFORGE_OFFLOAD_QKV_EVERY; 0: none). Measured on the 8B step (H100, 2026-12-07, 515bb00, against
+# 344.1 ms and 6.65 GiB): Q/K/V every layer 334.0 ms, +0.07 GiB (the default); gate/up every 2nd, 3rd, 4th
+# layer 353.5, 343.2, 340.0 ms, +0.19 GiB: each 235 MB copy takes ~4.7 ms of PCIe, longer than a layer's
+# forward, so the copies queue up and stall the forward (off by default).
+# Only for batches of at most KEPT_PRODUCTS_MAX_TOKENS tokens: the products live in pinned host memory
+# beside the layer inputs (Q/K/V's adds 75% to them: 6.4 GB at 16k tokens of the 8B model), and long
+# sequences, where host memory runs short first, keep the plain recompute.
+GATE_UP_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_GATE_UP_EVERY", "0") or 0)
+QKV_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_QKV_EVERY", "1") or 0)
+# Every ATTENTION_EVERY-th such layer likewise keeps its attention's output O and log-sum-exp, so that its
+# rerun skips the attention forward (models/kept_attention.py: ~0.16 ms of an 8B layer at 2 x 2,048
+# tokens on an H100, for O's 33.5 MB each way over PCIe). LORAFORGE_OFFLOAD_ATTENTION_EVERY; off (0) until
+# measured on the GPU.
+ATTENTION_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_ATTENTION_EVERY", "0") or 0)
+KEPT_PRODUCTS_MAX_TOKENS = 16384
+_KEPT_PRODUCTS = weakref.WeakKeyDictionary()  # layer -> the kinds of products it keeps ("gate_up", "qkv", "attention")
+
+
+def _tokens(args) -> int:
+    """The tokens a layer call holds: its hidden states' leading dimensions (0 when it has none)."""
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    return hidden.shape[:-1].numel() if hidden is not None and hidden.dim() >= 2 else 0
+
+
+def _keeps_whole(function, args) -> bool:
+    """Whether this call of a layer runs without a checkpoint (KEEP_LAST_LAYERS, KEEP_LAST_MAX_TOKENS)."""
+    return _layer_of(function) in _KEPT_LAYERS and 0 < _tokens(args) <= KEEP_LAST_MAX_TOKENS
+
+
 def offloaded_checkpoint(function, *args, **kwargs):
     """A drop-in for transformers' `_gradient_checkpointing_func`."""
+    if _KEPT_LAYERS and _keeps_whole(function, args):
+        return function(*args, **kwargs)
     if _lean_path_applies(function, args):
         return _CheckpointedLayer.apply(function, True, _uses_dropout(_layer_of(function)), _ANCHOR, *args)
     kwargs.setdefault("use_reentrant", False)
@@ -381,6 +473,22 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode) -> None:
         for module in model.modules():
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = offloaded_checkpoint
+        layers = _checkpointed_layers(model)
+        if KEEP_LAST_LAYERS > 0:
+            _KEPT_LAYERS.update(layers[-KEEP_LAST_LAYERS:])
+        for kind, every in (("gate_up", GATE_UP_EVERY), ("qkv", QKV_EVERY), ("attention", ATTENTION_EVERY)):
+            for layer in layers[: len(layers) - 1 : every] if every > 0 else ():
+                _KEPT_PRODUCTS[layer] = _KEPT_PRODUCTS.get(layer, frozenset()) | {kind}
+
+
+def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers in order: the modules transformers checkpoints one by one (not the model, which
+    holds a _gradient_checkpointing_func too)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # a transformers before 4.52: no layer is chosen (KEEP_LAST_LAYERS, _KEPT_PRODUCTS)
+        return []
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def uses_offloaded_checkpointing(model: torch.nn.Module) -> bool:

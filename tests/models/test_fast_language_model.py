@@ -240,6 +240,65 @@ def test_products_kept_from_the_forward_give_the_same_gradients(saved_models, de
             torch.testing.assert_close(grads[setting][name], grads[(0, 0, 8192)][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("qkv", [0, 1])
+@pytest.mark.parametrize("arch", testing.ARCHITECTURES)
+def test_attention_kept_from_the_forward_gives_the_same_gradients(saved_models, device, qkv, arch, seed, monkeypatch):
+    """ATTENTION_EVERY = 1: the first layer's checkpointed forward keeps its attention's output and
+    log-sum-exp (models/kept_attention.py; on a GPU offloaded to host and prefetched back) and its rerun
+    runs no attention forward; the gradients are those of the plain recompute, with or without the kept
+    Q/K/V. Gemma 2's attention (eager, soft-capped) is not one it reproduces: nothing is kept there."""
+    import torch.nn.functional as F
+
+    from loraforge.models import kept_attention
+    from loraforge.train import offloaded_checkpointing as oc
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # (CUDA's flash and cuDNN kernels: 16-bit only)
+    monkeypatch.setattr(oc, "_MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(oc, "KEEP_LAST_LAYERS", 0)  # every layer checkpointed, as counted below
+    monkeypatch.setattr(oc, "QKV_EVERY", qkv)
+    grads, counts = {}, {}
+    for every in (0, 1):
+        monkeypatch.setattr(oc, "ATTENTION_EVERY", every)
+        monkeypatch.setattr(oc, "_KEPT_PRODUCTS", weakref.WeakKeyDictionary())
+        model, tokenizer = FastLanguageModel.from_pretrained(saved_models[arch], load_in_4bit=True, dtype=dtype,
+                                                             device_map="auto" if device == "cuda" else None)  # fmt: skip
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
+        # no padding, so no mask: SDPA's causal path, the one kept
+        ids = tokenizer(["Snow is white and cold today.", "A dog ran after the red ball."])["input_ids"]
+        length = min(len(row) for row in ids)
+        batch = {"input_ids": torch.tensor([row[:length] for row in ids], device=device)}
+        model.train()
+        model(**batch, labels=batch["input_ids"])  # a first forward: the layer split checks its rule once
+        calls = {"sdpa": 0, "kept forward": 0}
+        real_sdpa, real_forward = F.scaled_dot_product_attention, kept_attention.attention_forward
+
+        def sdpa(*args, _calls=calls, **kwargs):
+            _calls["sdpa"] += 1
+            return real_sdpa(*args, **kwargs)
+
+        def kept_forward(*args, _calls=calls, **kwargs):
+            _calls["kept forward"] += 1
+            return real_forward(*args, **kwargs)
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+        monkeypatch.setattr(kept_attention, "attention_forward", kept_forward)
+        _, grads[every] = _loss_and_grads(model, batch)
+        counts[every] = dict(calls)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", real_sdpa)
+        monkeypatch.setattr(kept_attention, "attention_forward", real_forward)
+    if arch == "gemma2":
+        assert counts[1]["kept forward"] == 0
+    else:  # 2 layers, forward and rerun of each: the first layer's forward keeps, its rerun takes
+        assert counts == {0: {"sdpa": 4, "kept forward": 0}, 1: {"sdpa": 2, "kept forward": 1}}
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name, **tolerance)
+
+
 def test_training_loss_takes_the_fused_cross_entropy(saved_models):
     ours, plain, tokenizer = _pair(saved_models["gemma2"], False, 0)  # gemma2: final logit softcapping
     batch = tokenizer(["Blue whales sing."], return_tensors="pt")

@@ -16,7 +16,7 @@ from loraforge.models import backward_recompute, kept_attention
 def _qkv(batch, heads, kv_heads, seq, head_dim, dtype, device):
     """q, k, v as the attention interface receives them: [batch, heads, seq, head_dim] views of
     [batch, seq, heads, head_dim] tensors (the projections' layout)."""
-    make = lambda h: torch.randn(batch, seq, h, head_dim, dtype=dtype, device=device).transpose(1, 2)  # noqa: E731
+    make = lambda h: torch.randn(batch, seq, h, head_dim, dtype=dtype, device=device).transpose(1, 2)
     return make(heads), make(kv_heads), make(kv_heads)
 
 
@@ -68,7 +68,7 @@ def test_kept_attention_is_sdpa_on_cpu(shape, seed):
     q, k, v = _qkv(batch, heads, kv_heads, seq, head_dim, torch.float32, "cpu")
     scale = 0.5 + torch.rand(()).item()
     grad = torch.randn(batch, seq, heads, head_dim)
-    first, again, *grads = _kept_run(q, k, v, scale, grad)
+    first, _, *grads = _kept_run(q, k, v, scale, grad)
     out, *grads_sdpa = _sdpa_run(q, k, v, scale, grad)
     torch.testing.assert_close(first, out, rtol=1e-6, atol=1e-6)
     for ours, theirs in zip(grads, grads_sdpa):
@@ -134,7 +134,7 @@ def test_kept_attention_is_sdpa_on_cuda(backend, dtype, seed):
         if chosen is None:
             pytest.skip(f"SDPA does not offer {backend} here")
         assert chosen == int(backend)
-        first, again, *grads = _kept_run(q, k, v, 0.088, grad)
+        first, _, *grads = _kept_run(q, k, v, 0.088, grad)
         out, *grads_sdpa = _sdpa_run(q, k, v, 0.088, grad)
     assert torch.equal(first, out)
     for ours, theirs in zip(grads, grads_sdpa):

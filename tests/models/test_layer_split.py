@@ -8,6 +8,7 @@ import torch
 
 from loraforge.models import FastLanguageModel, lora_autograd
 from loraforge.train import layer_split
+from tests.models._same_gradients import assert_same_gradients
 
 
 @pytest.fixture(autouse=True)
@@ -50,14 +51,14 @@ def test_halves_run_mlp_first_with_the_gradients_of_no_checkpointing(saved_model
     layers = model.config.num_hidden_layers
     assert order == ["mlp", "self_attn"] * layers  # each layer: MLP half, then attention half
     for name in plain:
-        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+        assert_same_gradients(ours[name], plain[name])
 
     monkeypatch.setattr(layer_split, "ENABLED", False)  # the whole-layer recompute: attention first
     order.clear()
     whole, _ = _train_step(saved_models[arch], "unsloth", seed, order)
     assert order == ["self_attn", "mlp"] * layers
     for name in plain:
-        torch.testing.assert_close(whole[name], plain[name], rtol=1e-5, atol=1e-7)
+        assert_same_gradients(whole[name], plain[name])
 
 
 @pytest.mark.parametrize("arch, skips", [("llama", True), ("gemma2", False)])
@@ -80,7 +81,7 @@ def test_attention_half_skips_the_output_projection_where_it_feeds_the_residual(
     # o_proj: once a layer in forward, once in the attention half's rerun (skipped where allowed)
     assert flags == [False] * layers + [skips] * layers
     for name in plain:
-        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+        assert_same_gradients(ours[name], plain[name])
 
 
 def test_unit_output_unused_projection_gives_the_same_gradients(seed):
@@ -106,7 +107,7 @@ def test_unit_output_unused_projection_gives_the_same_gradients(seed):
 
 def test_a_layer_that_does_not_match_its_rule_recomputes_whole(saved_models, seed, monkeypatch):
     monkeypatch.setattr(layer_split, "_VERIFIED", {})
-    wrong = ("post_attention_layernorm", ("mlp",), lambda layer, h1: h1 + layer.mlp(h1))  # the norm left out
+    wrong = ("post_attention_layernorm", ("mlp",), lambda layer, h1: layer.mlp(h1))  # the norm left out
     monkeypatch.setitem(layer_split.MLP_HALVES, "pre_norm", wrong)
     plain, _ = _train_step(saved_models["llama"], False, seed)
     order = []
@@ -114,7 +115,44 @@ def test_a_layer_that_does_not_match_its_rule_recomputes_whole(saved_models, see
         ours, model = _train_step(saved_models["llama"], "unsloth", seed, order)
     assert order == ["self_attn", "mlp"] * model.config.num_hidden_layers
     for name in plain:
-        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7)
+        assert_same_gradients(ours[name], plain[name])
+
+
+def _counting(calls: dict, key: str, real):
+    def counted(*args):
+        calls[key] += 1
+        return real(*args)
+
+    return counted
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_reruns_form_no_residual_sum(saved_models, arch, seed, monkeypatch):
+    """Both phases stop at their residual branch (the MLP half's output and h1 are never formed) and the
+    gradients are those of no checkpointing; where h1 = x + branch did not hold at the layer class's
+    first forward (here: a branch end that reads the wrong module), phase 2 stops at h1 as before."""
+    from loraforge.train import offloaded_checkpointing as oc
+
+    monkeypatch.setattr(layer_split, "_VERIFIED", {})
+    plain, _ = _train_step(saved_models[arch], False, seed)
+    rule = "pre_norm" if arch == "llama" else "sandwich"
+    real_branch, real_half, real_plus = layer_split.attention_branch, layer_split.attention_half, oc._plus_residual
+    for wrong_end in (False, True):
+        monkeypatch.setattr(layer_split, "_BRANCH_VERIFIED", {})
+        if wrong_end:
+            monkeypatch.setitem(layer_split.ATTENTION_BRANCH_ENDS, rule, ("input_layernorm", lambda output: output))
+        calls = {"branch": 0, "half": 0, "sums": 0}
+        monkeypatch.setattr(layer_split, "attention_branch", _counting(calls, "branch", real_branch))
+        monkeypatch.setattr(layer_split, "attention_half", _counting(calls, "half", real_half))
+        monkeypatch.setattr(oc, "_plus_residual", _counting(calls, "sums", real_plus))
+        ours, model = _train_step(saved_models[arch], "unsloth", seed)
+        layers = model.config.num_hidden_layers
+        if wrong_end:  # phase 1 still adds the residual's gradient itself; phase 2 backpropagates h1
+            assert calls == {"branch": 0, "half": layers, "sums": layers}
+        else:  # each layer: phase 1's and phase 2's residual gradient, added by hand
+            assert calls == {"branch": layers, "half": 0, "sums": 2 * layers}
+        for name in plain:
+            assert_same_gradients(ours[name], plain[name], msg=name)
 
 
 def test_unpatch_removes_the_split(saved_models):
@@ -123,11 +161,13 @@ def test_unpatch_removes_the_split(saved_models):
     layers = [m for m in model.modules() if "mlp" in m._modules and "self_attn" in m._modules]
     assert layers and all(layer_split.rule_of(layer) == ("pre_norm", True) for layer in layers)
     assert all(len(layer.post_attention_layernorm._forward_pre_hooks) == 1 for layer in layers)
+    assert all(len(layer.self_attn._forward_hooks) == 1 for layer in layers)  # the attention branch's end
     from loraforge.models.patch import unpatch_model
 
     unpatch_model(model)
     assert all(layer_split.rule_of(layer) is None for layer in layers)
     assert all(len(layer.post_attention_layernorm._forward_pre_hooks) == 0 for layer in layers)
+    assert all(len(layer.self_attn._forward_hooks) == 0 for layer in layers)
 
 
 @pytest.mark.gpu

@@ -302,6 +302,7 @@ class _CheckpointedLayer(torch.autograd.Function):
                 raise RuntimeError(f"input {i} of a checkpointed layer was modified in place after the layer ran; "
                                    "its recompute in backward would not match the forward")  # fmt: skip
         wants = ctx.needs_input_grad[4:]
+        residual_grad = None
         if ctx.split is not None:  # phase 1: the MLP half, from h1 (layer_split.py)
             grads = (_mlp_half_backward(ctx, grads[0]),)
         inputs = []
@@ -335,11 +336,17 @@ class _CheckpointedLayer(torch.autograd.Function):
                 ctx.kept = {}
                 if reuse:
                     stack.enter_context(reusing_products(reuse))
-                outputs = layer_split.attention_half(ctx.run, inputs)
+                if layer_split.branch_verified(_layer_of(ctx.run)):  # up to the attention branch: h1 = x + it
+                    outputs, residual_grad = layer_split.attention_branch(ctx.run, inputs), grads[0]
+                else:
+                    outputs = layer_split.attention_half(ctx.run, inputs)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
-        pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad and g is not None]
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, grads)
+                 if o is not None and o.requires_grad and g is not None]  # fmt: skip
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if residual_grad is not None and wants[0]:  # x's gradient through the residual (attention_branch)
+            inputs[0].grad = _plus_residual(inputs[0].grad, residual_grad)
         layer = _layer_of(ctx.run)
         if layer is not None:  # its adapters' compute-dtype copies have served their last use this step
             from loraforge.models.stacked_lora import release_adapter_caches
@@ -395,9 +402,18 @@ def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | 
         stack.enter_context(recomputing_for_backward())
         if gate_up is not None:  # kept from the forward: the rerun takes it instead of recomputing it
             stack.enter_context(reusing_products({"gate_up": (_HOOKS.unpack(gate_up[0]), gate_up[1])}))
-        output = layer_split.mlp_half(_layer_of(ctx.run), ctx.split[0], h1)
-    torch.autograd.backward(output, grad_output)
-    return h1.grad
+        branch = layer_split.mlp_branch(_layer_of(ctx.run), ctx.split[0], h1)
+    # The layer's output is h1 + branch: backpropagate the branch, then add the residual's gradient (the
+    # sum itself is never formed: its values would be read by nothing).
+    torch.autograd.backward(branch, grad_output.to(branch.dtype))
+    return _plus_residual(h1.grad, grad_output)
+
+
+def _plus_residual(grad: torch.Tensor | None, residual_grad: torch.Tensor) -> torch.Tensor:
+    """grad + residual_grad, into grad (a gradient autograd just formed for a leaf of a rerun)."""
+    if grad is None:
+        return residual_grad
+    return grad.add_(residual_grad)
 
 
 # The last KEEP_LAST_LAYERS decoder layers run without a checkpoint (LORAFORGE_KEEP_LAST_LAYERS, default 1)

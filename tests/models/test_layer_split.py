@@ -130,15 +130,17 @@ def _counting(calls: dict, key: str, real):
 def test_reruns_form_no_residual_sum(saved_models, arch, seed, monkeypatch):
     """Both phases stop at their residual branch (the MLP half's output and h1 are never formed) and the
     gradients are those of no checkpointing; where h1 = x + branch did not hold at the layer class's
-    first forward (here: a branch end that reads the wrong module), phase 2 stops at h1 as before."""
+    first forward (here: a branch end that reads the wrong module), phase 2 stops at h1 as before;
+    RESIDUAL_FREE off forms both sums again."""
     from loraforge.train import offloaded_checkpointing as oc
 
     monkeypatch.setattr(layer_split, "_VERIFIED", {})
     plain, _ = _train_step(saved_models[arch], False, seed)
     rule = "pre_norm" if arch == "llama" else "sandwich"
     real_branch, real_half, real_plus = layer_split.attention_branch, layer_split.attention_half, oc._plus_residual
-    for wrong_end in (False, True):
+    for wrong_end, switched_off in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(layer_split, "_BRANCH_VERIFIED", {})
+        monkeypatch.setattr(layer_split, "RESIDUAL_FREE", not switched_off)
         if wrong_end:
             monkeypatch.setitem(layer_split.ATTENTION_BRANCH_ENDS, rule, ("input_layernorm", lambda output: output))
         calls = {"branch": 0, "half": 0, "sums": 0}
@@ -147,7 +149,9 @@ def test_reruns_form_no_residual_sum(saved_models, arch, seed, monkeypatch):
         monkeypatch.setattr(oc, "_plus_residual", _counting(calls, "sums", real_plus))
         ours, model = _train_step(saved_models[arch], "unsloth", seed)
         layers = model.config.num_hidden_layers
-        if wrong_end:  # phase 1 still adds the residual's gradient itself; phase 2 backpropagates h1
+        if switched_off:  # LORAFORGE_RESIDUAL_FREE_RERUN=0: both sums formed and backpropagated
+            assert calls == {"branch": 0, "half": layers, "sums": 0}
+        elif wrong_end:  # phase 1 still adds the residual's gradient itself; phase 2 backpropagates h1
             assert calls == {"branch": 0, "half": layers, "sums": layers}
         else:  # each layer: phase 1's and phase 2's residual gradient, added by hand
             assert calls == {"branch": layers, "half": 0, "sums": 2 * layers}

@@ -67,6 +67,9 @@ ATTENTION_BRANCH_ENDS: dict[str, tuple[str, Callable]] = {
 
 # LORAFORGE_LAYER_SPLIT=0 keeps the whole-layer recompute (for comparisons), read when a layer runs.
 ENABLED = os.environ.get("LORAFORGE_LAYER_SPLIT", "1") != "0"
+# LORAFORGE_RESIDUAL_FREE_RERUN=0 forms the residual sums in the reruns again (for comparisons): phase 1
+# backpropagates h1 + branch, phase 2 stops at h1.
+RESIDUAL_FREE = os.environ.get("LORAFORGE_RESIDUAL_FREE_RERUN", "1") != "0"
 
 _SPLIT_RULE = "_loraforge_layer_split"  # on a decoder layer instance: (rule name, attention output to residual)
 _HOOK_HANDLE = "_loraforge_split_hook"  # on its split-point module
@@ -203,7 +206,7 @@ def mlp_branch(layer: torch.nn.Module, rule: str, h1: torch.Tensor) -> torch.Ten
 def branch_verified(layer: torch.nn.Module) -> bool:
     """Whether phase 2 may stop at the attention branch's end (attention_branch): h1 = x + branch held
     at the layer class's first split forward."""
-    return _BRANCH_VERIFIED.get(type(layer), False)
+    return RESIDUAL_FREE and _BRANCH_VERIFIED.get(type(layer), False)
 
 
 def attention_branch(run: Callable, args) -> torch.Tensor:

@@ -403,6 +403,11 @@ def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | 
         if gate_up is not None:  # kept from the forward: the rerun takes it instead of recomputing it
             stack.enter_context(reusing_products({"gate_up": (_HOOKS.unpack(gate_up[0]), gate_up[1])}))
         branch = layer_split.mlp_branch(_layer_of(ctx.run), ctx.split[0], h1)
+        if not layer_split.RESIDUAL_FREE:  # (for comparisons) the sum formed and backpropagated
+            output = h1 + branch
+    if not layer_split.RESIDUAL_FREE:
+        torch.autograd.backward(output, grad_output)
+        return h1.grad
     # The layer's output is h1 + branch: backpropagate the branch, then add the residual's gradient (the
     # sum itself is never formed: its values would be read by nothing).
     torch.autograd.backward(branch, grad_output.to(branch.dtype))

@@ -272,7 +272,8 @@ def main() -> None:
     # Switches that change loraforge's path (LORAFORGE_LAYER_SPLIT=0, ...) go into the row, so that runs
     # made to attribute a change stay distinguishable in the CSV.
     settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LORAFORGE_")
-                       and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL"))  # fmt: skip
+                       and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL",
+                                     "LORAFORGE_GPU_TEST_FILES", "LORAFORGE_PROFILE"))  # fmt: skip
     for impl, r in results.items():
         rows.append({"benchmark": f"train_step_llama{args.shape}_{layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
                      "impl": impl, "median_us": 1e6 * args.batch * args.seq / r["tokens_per_s"],

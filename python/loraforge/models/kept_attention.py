@@ -135,18 +135,19 @@ def kept_or_keeping(module, query, key, value, attention_mask, options: dict) ->
     (no kept product of this kind is asked for or handed back, or the call is not one we reproduce):
     the caller then runs the module's attention."""
     sink = backward_recompute.product_sink(KIND)
-    kept = backward_recompute.take_kept(KIND) if sink is None else None
-    if sink is None and kept is None:
-        return None
+    if sink is None:
+        kept = backward_recompute.take_kept(KIND)
+        if kept is None:
+            return None
+        # The rerun repeats the call its forward checked (choose_backend): only the shape is checked again.
+        out, state = kept
+        batch, heads, seq, head_dim = query.shape
+        if out.shape != (batch, seq, heads, head_dim) or out.dtype != query.dtype:
+            return None
+        return KeptAttentionFunction.apply(query, key, value, out, state)
     backend = choose_backend(module, query, key, value, attention_mask, options)
     if backend is None:
         return None
-    batch, heads, seq, head_dim = query.shape
-    if kept is not None:
-        out, state = kept
-        if out.shape != (batch, seq, heads, head_dim) or out.dtype != query.dtype or state.backend != backend:
-            return None
-        return KeptAttentionFunction.apply(query, key, value, out, state)
     out, state = attention_forward(query, key, value, backend, options.get("scaling"))
     sink[KIND] = (out, state)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):

@@ -212,19 +212,19 @@ def branch_verified(layer: torch.nn.Module) -> bool:
 def attention_branch(run: Callable, args) -> torch.Tensor:
     """Phase 2's rerun: the layer's own forward up to the end of its attention branch; returns the
     branch's output (with its graph; h1 = x + it, whose gradient with respect to x the caller adds)."""
-    with _mode("stop_branch"):
-        try:
-            run(*args)
-        except _ReachedSplit as reached:
-            return reached.h1
-    raise RuntimeError("a layer checkpointed in halves did not reach its attention branch's end when recomputed")
+    return _rerun_until(run, args, "stop_branch", "its attention branch's end")
 
 
 def attention_half(run: Callable, args) -> torch.Tensor:
     """Phase 2's rerun: the layer's own forward up to the split point; returns h1 (with its graph)."""
-    with _mode("stop"):
+    return _rerun_until(run, args, "stop", "its split point")
+
+
+def _rerun_until(run: Callable, args, mode: str, where: str) -> torch.Tensor:
+    """run(*args) in `mode` until the hook of that mode raises: returns the tensor it carries."""
+    with _mode(mode):
         try:
             run(*args)
         except _ReachedSplit as reached:
             return reached.h1
-    raise RuntimeError("a layer checkpointed in halves did not reach its split point when recomputed")
+    raise RuntimeError(f"a layer checkpointed in halves did not reach {where} when recomputed")

@@ -332,10 +332,9 @@ class _CheckpointedLayer(torch.autograd.Function):
             else:  # phase 2: up to h1, whose value nothing reads (nor, by the rule, the attention output's)
                 stack.enter_context(recomputing_for_backward(attention_output_unused=ctx.split[1]))
                 # kept from the forward: the rerun takes them instead of recomputing them
-                reuse = {kind: (_HOOKS.unpack(kept[0]), kept[1]) for kind, kept in ctx.kept.items()}
-                ctx.kept = {}
-                if reuse:
-                    stack.enter_context(reusing_products(reuse))
+                if ctx.kept:
+                    stack.enter_context(reusing_products(_restored(ctx.kept)))
+                    ctx.kept = {}
                 if layer_split.branch_verified(_layer_of(ctx.run)):  # up to the attention branch: h1 = x + it
                     outputs, residual_grad = layer_split.attention_branch(ctx.run, inputs), grads[0]
                 else:
@@ -401,17 +400,19 @@ def _mlp_half_backward(ctx, grad_output: torch.Tensor | None) -> torch.Tensor | 
         _enter_forward_modes(stack, ctx)
         stack.enter_context(recomputing_for_backward())
         if gate_up is not None:  # kept from the forward: the rerun takes it instead of recomputing it
-            stack.enter_context(reusing_products({"gate_up": (_HOOKS.unpack(gate_up[0]), gate_up[1])}))
+            stack.enter_context(reusing_products(_restored({"gate_up": gate_up})))
         branch = layer_split.mlp_branch(_layer_of(ctx.run), ctx.split[0], h1)
-        if not layer_split.RESIDUAL_FREE:  # (for comparisons) the sum formed and backpropagated
-            output = h1 + branch
-    if not layer_split.RESIDUAL_FREE:
-        torch.autograd.backward(output, grad_output)
-        return h1.grad
-    # The layer's output is h1 + branch: backpropagate the branch, then add the residual's gradient (the
-    # sum itself is never formed: its values would be read by nothing).
-    torch.autograd.backward(branch, grad_output.to(branch.dtype))
-    return _plus_residual(h1.grad, grad_output)
+        # The layer's output is h1 + branch. The sum is never formed (its values would be read by nothing):
+        # the branch is backpropagated and the residual's gradient added after; LORAFORGE_RESIDUAL_FREE_RERUN=0
+        # forms and backpropagates it (for comparisons).
+        output = branch if layer_split.RESIDUAL_FREE else h1 + branch
+    torch.autograd.backward(output, grad_output.to(output.dtype))
+    return _plus_residual(h1.grad, grad_output) if layer_split.RESIDUAL_FREE else h1.grad
+
+
+def _restored(kept: dict) -> dict:
+    """kind -> (product back on the GPU, H) from ctx.kept's kind -> (offloaded product, H)."""
+    return {kind: (_HOOKS.unpack(product), h) for kind, (product, h) in kept.items()}
 
 
 def _plus_residual(grad: torch.Tensor | None, residual_grad: torch.Tensor) -> torch.Tensor:

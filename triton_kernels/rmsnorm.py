@@ -173,12 +173,20 @@ def _default_programs(device: torch.device, n_tiles: int) -> int:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype: torch.dtype
+    x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y [rows, hidden] of out_dtype, rstd [rows] float32) from x [rows, hidden] (x.stride(1) == 1)
-    and weight [hidden] (contiguous)."""
+    and weight [hidden] (contiguous). out: where to write y ([rows, hidden] of out_dtype, any row stride,
+    column stride 1), else a new tensor."""
     n_rows, hidden = x.shape
-    y = torch.empty((n_rows, hidden), dtype=out_dtype, device=x.device)
+    if out is None:
+        y = torch.empty((n_rows, hidden), dtype=out_dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != out_dtype or out.stride(1) != 1 or out.device != x.device:
+        raise ValueError(f"out must be {list(x.shape)} {out_dtype} on {x.device} with unit column stride, got "
+                         f"{list(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")  # fmt: skip
+    else:
+        y = out
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, rstd

@@ -118,6 +118,34 @@ def test_generation_with_adapters_and_unpatch(saved_models):
     assert torch.equal(fused, plain)
 
 
+@pytest.mark.parametrize("arch", testing.ARCHITECTURES)
+def test_train_and_eval_switches_keep_the_fused_forwards(saved_models, arch):
+    """transformers 5.2x kernelizes some layers (RMSNorm) by default and again at every train()/eval()
+    switch, resetting their forward: patching turns that off, so every fused forward survives the switches
+    (the RMSNorms lost theirs at the first model.train() until 2026-12-07)."""
+    model, tokenizer = FastLanguageModel.from_pretrained(saved_models[arch], load_in_4bit=True, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    patched = [m for m in model.modules() if m.__dict__.get("_loraforge_patched")]
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and set(map(id, norms)) <= set(map(id, patched))
+    switches = (lambda: model.train(), lambda: model.eval(), lambda: model.train(),
+                lambda: FastLanguageModel.for_inference(model), lambda: FastLanguageModel.for_training(model))  # fmt: skip
+    for i, switch in enumerate(switches):
+        switch()
+        assert all("forward" in m.__dict__ for m in patched), f"switch {i}"
+    calls = []
+    from loraforge.ops import rmsnorm
+
+    real = rmsnorm.rms_norm_op
+    rmsnorm_calls = lambda *args: calls.append(1) or real(*args)
+    try:
+        rmsnorm.rms_norm_op = rmsnorm_calls
+        model(**tokenizer(["A dog ran"], return_tensors="pt"))
+    finally:
+        rmsnorm.rms_norm_op = real
+    assert len(calls) >= len(norms)
+
+
 def test_bad_input(saved_models):
     path = saved_models["llama"]
     with pytest.raises(ValueError, match="max_seq_length"):
@@ -202,6 +230,7 @@ def test_products_kept_from_the_forward_give_the_same_gradients(saved_models, de
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(oc, "_MIN_OFFLOAD_BYTES", 0)
     monkeypatch.setattr(oc, "KEEP_LAST_LAYERS", 0)  # every layer checkpointed, as counted below
+    monkeypatch.setattr(oc, "ATTENTION_EVERY", 0)  # (the kept attention has its own test, below)
     grads, forwards = {}, {}
     for setting in ((0, 0, 8192), (gate_up, qkv, 8192), (gate_up, qkv, 15)):  # 2 x 10 tokens: over a cap of 15
         monkeypatch.setattr(oc, "GATE_UP_EVERY", setting[0])
@@ -239,6 +268,47 @@ def test_products_kept_from_the_forward_give_the_same_gradients(saved_models, de
     for setting in ((gate_up, qkv, 8192), (gate_up, qkv, 15)):
         for name in grads[(0, 0, 8192)]:
             assert_same_gradients(grads[setting][name], grads[(0, 0, 8192)][name], msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("arch", testing.ARCHITECTURES)
+def test_norms_write_into_the_stacked_products_wide_inputs(saved_models, device, arch, seed, monkeypatch):
+    """From the second step on, every RMSNorm that feeds Q/K/V or gate/up writes its output with the rows
+    padded for the adapter columns, and every stacked Q/K/V and gate/up product (forward and rerun) reads
+    [X | H] in place (stacked_lora.NORM_INTO_WIDE); the loss and gradients are those without it."""
+    from loraforge.models import stacked_lora
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(stacked_lora, "NORM_INTO_WIDE", on)
+        model, tokenizer = FastLanguageModel.from_pretrained(saved_models[arch], load_in_4bit=True, dtype=torch.float32,
+                                                             device_map="auto" if device == "cuda" else None)  # fmt: skip
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
+        batch = tokenizer(["Snow is white and cold.", "A dog ran"], return_tensors="pt", padding=True).to(device)
+        _loss_and_grads(model, batch)  # the first step: the norms learn the padding
+        in_place = []
+        real = stacked_lora._forward_concat
+
+        def recording(projs, x, *args, _real=real, _log=in_place):
+            wide = args[3] if len(args) > 3 else None
+            if len(projs) > 1:  # Q/K/V, gate/up
+                _log.append(wide is not None and wide.data_ptr() == x.data_ptr())
+            return _real(projs, x, *args)
+
+        monkeypatch.setattr(stacked_lora, "_forward_concat", recording)
+        results[on] = (*_loss_and_grads(model, batch), in_place)
+        monkeypatch.setattr(stacked_lora, "_forward_concat", real)
+    layers = len(model.base_model.model.model.layers)
+    assert len(results[True][2]) >= 2 * layers and all(results[True][2]), results[True][2]
+    assert not any(results[False][2])
+    padded = [m for m in model.modules() if m.__dict__.get(stacked_lora.ROW_PADDING)]
+    assert len(padded) == 2 * layers  # one norm before the attention, one before the MLP, per layer
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
+    for name in results[False][1]:
+        assert_same_gradients(results[True][1][name], results[False][1][name], msg=name)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

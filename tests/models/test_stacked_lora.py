@@ -154,3 +154,52 @@ def test_input_written_into_a_wide_buffer_needs_no_copy(device, seed):
     y_wide, h_wide = stacked_lora.stacked_forward_h(projs, wide[:, :96], wide)
     y_copy, h_copy = stacked_lora._forward_concat(projs, x, *stacked_lora.stacked_adapters(projs, x.dtype), None)
     assert torch.equal(h_wide, h_copy) and torch.equal(y_wide, y_copy)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_norm_writes_its_output_where_the_concatenation_reads_it(device, seed, monkeypatch):
+    """The RMSNorm in front of a stacked product learns the row padding its reader's concatenation needs
+    (first call: noted, X copied), then writes its output with rows that far apart, and the product reads
+    [X | H] in place: the same Y and H, bit for bit, with no copy of X. A product that does not
+    concatenate notes no padding."""
+    from loraforge.ops.rmsnorm import rms_norm
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    projs = _projections(ranks=(4, 6, 2), outs=(96, 48, 48), inputs=96)  # Q/K/V-like: ratio 2, R = 12 -> 16
+    _to_device(projs, device)
+    x = torch.randn(3, 11, 96, device=device).bfloat16()
+    weight = torch.randn(96, device=device).bfloat16()
+    norm_state = {}
+    copies = []
+    real_concat = stacked_lora._forward_concat
+
+    def counting_concat(projs, x, a, bd, bias, wide=None):
+        if wide is None:
+            copies.append(1)  # X is copied into a buffer of _forward_concat's own
+        else:
+            assert wide.data_ptr() == x.data_ptr() and wide.stride() == (112, 1)
+        return real_concat(projs, x, a, bd, bias, wide)
+
+    monkeypatch.setattr(stacked_lora, "_forward_concat", counting_concat)
+    expected = None
+    for call in range(3):
+        y = rms_norm(x, weight, 1e-6, False, norm_state.get(stacked_lora.ROW_PADDING, 0))
+        stacked_lora.offer_norm_output(y, norm_state)
+        out = stacked_lora.stacked_forward_h(projs, y.reshape(-1, 96))
+        assert norm_state[stacked_lora.ROW_PADDING] == 16
+        expected = expected or out
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+        assert len(copies) == 1, f"call {call}: X copied {len(copies)} times"
+    assert y.stride() == (11 * 112, 112, 1)
+    y_plain = rms_norm(x, weight, 1e-6, False)
+    assert torch.equal(y, y_plain)
+    monkeypatch.setattr(stacked_lora, "CONCAT_MIN_RATIO", 1e9)  # no concatenation: no padding wanted
+    stacked_lora.offer_norm_output(y, norm_state)
+    stacked_lora.stacked_forward_h(projs, y.reshape(-1, 96))
+    assert norm_state[stacked_lora.ROW_PADDING] == 0
+    # An output that was not offered (or another tensor) is never written around.
+    stacked_lora.offer_norm_output(y_plain, norm_state)
+    monkeypatch.setattr(stacked_lora, "CONCAT_MIN_RATIO", 1.0)
+    stacked_lora.stacked_forward_h(projs, y.reshape(-1, 96))
+    assert norm_state[stacked_lora.ROW_PADDING] == 0 and len(copies) == 2

@@ -53,10 +53,16 @@ def _flce_case(gen):
 def _rms_case(gen):
     x = torch.randn(6, 40, generator=gen, requires_grad=True)
     w = torch.randn(40, generator=gen, requires_grad=True)
-    return rms_ops.rms_norm_op, (x, w, 1e-6, False), (0, 1)
+    return rms_ops.rms_norm_op, (x, w, 1e-6, False, 0), (0, 1)
 
 
-CASES = {"rms_norm": _rms_case, "rope": _rope_case, "gated_activation": _glu_case, "cross_entropy": _ce_case,
+def _rms_padded_case(gen):
+    x = torch.randn(2, 3, 40, generator=gen, requires_grad=True)
+    w = torch.randn(40, generator=gen, requires_grad=True)
+    return rms_ops.rms_norm_op, (x, w, 1e-6, False, 24), (0, 1)
+
+
+CASES = {"rms_norm": _rms_case, "rms_norm_padded": _rms_padded_case, "rope": _rope_case, "gated_activation": _glu_case, "cross_entropy": _ce_case,
          "fused_linear_cross_entropy": _flce_case}  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """RMSNorm: the Triton kernels (on CPU through the interpreter) and the op against float64 and against
 transformers' LlamaRMSNorm / GemmaRMSNorm in the same precision."""
 
+import math
 import warnings
 
 import pytest
@@ -249,6 +250,29 @@ def test_reference_backward_reads_the_forwards_rstd(seed):
     recomputed = torch.rsqrt(x.float().pow(2).mean(-1) + EPS)  # what the backward did before
     expected = rmsnorm.rms_norm_backward_reference(grad_y, x, weight, recomputed, False, True)
     assert torch.equal(grad_x, expected[0]) and torch.equal(grad_w, expected[1])
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 96), (7, 40), (1, 1, 8)])
+def test_padded_rows_hold_the_same_output(seed, shape):
+    """row_padding: y's rows lie hidden + padding elements apart in a storage that holds every row's
+    padding (so a reader may use those columns); the values are the unpadded output's, bit for bit, in
+    both kernels (the CUDA one on CPU through the interpreter), and y is no view of anything."""
+    x, weight = random_inputs(shape, torch.bfloat16, False, device=DEVICE)
+    rows, hidden = math.prod(shape[:-1]), shape[-1]
+    for forward in (rmsnorm._forward_cuda, rmsnorm._forward_reference):
+        plain, plain_rstd = forward(x, weight, EPS, False)
+        y, rstd = forward(x, weight, EPS, False, 24)
+        assert y.shape == x.shape and y.stride()[-2:] == (hidden + 24, 1) and y._base is None
+        assert y.untyped_storage().nbytes() == rows * (hidden + 24) * y.element_size()
+        assert torch.equal(y, plain) and torch.equal(rstd, plain_rstd)
+    x = x.cpu().float().requires_grad_()
+    torch.library.opcheck(torch.ops.loraforge.rms_norm.default, (x, weight.cpu().float(), EPS, False, 8))
+    y = rmsnorm.rms_norm(x, weight.cpu().float(), EPS, False, 8)
+    grad = torch.randn(shape)
+    assert torch.equal(torch.autograd.grad(y, x, grad)[0],
+                       torch.autograd.grad(rmsnorm.rms_norm(x, weight.cpu().float(), EPS), x, grad)[0])  # fmt: skip
+    with pytest.raises(ValueError, match="row_padding"):
+        rmsnorm.rms_norm(x, weight.cpu().float(), EPS, False, -1)
 
 
 def test_opcheck_and_compile(seed):

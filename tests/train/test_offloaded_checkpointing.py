@@ -102,3 +102,51 @@ def test_current_stream_objects_follow_the_current_stream(monkeypatch):
     current["handle"] = 11
     assert oc._current_stream(torch.device("cuda", 0)) is first
     assert oc._current_stream(torch.device("cuda", 1))[:2] == (1, 11)  # the same handle on another device
+
+
+class _FakeEvent:
+    def __init__(self):
+        self.waited = False
+
+    def synchronize(self):
+        self.waited = True
+
+
+def _fake_items(count: int) -> list:
+    import types
+
+    return [types.SimpleNamespace(gpu=torch.empty(1), done=_FakeEvent()) for _ in range(count)]
+
+
+def test_drain_waits_for_every_copy_in_flight_but_the_newest():
+    hooks = oc._OffloadHooks()
+    items = _fake_items(4)
+    items[1].gpu = None  # already reaped: nothing to wait for
+    hooks.in_flight = list(items)
+    hooks.drain()
+    assert hooks.in_flight == [items[-1]] and items[-1].gpu is not None and not items[-1].done.waited
+    assert all(item.gpu is None for item in items[:-1])
+    assert items[0].done.waited and items[2].done.waited and not items[1].done.waited
+
+
+@pytest.mark.parametrize("drain", (True, False))
+def test_a_layer_kept_out_of_the_checkpoint_drains_the_copies_first(monkeypatch, drain):
+    """The first layer that runs without a checkpoint (KEEP_LAST_LAYERS) waits for the copies in flight,
+    so that their GPU tensors do not add to the memory of its activations and the loss; a checkpointed
+    layer does not."""
+    import functools
+    import weakref
+
+    hooks = oc._OffloadHooks()
+    monkeypatch.setattr(oc, "_HOOKS", hooks)
+    monkeypatch.setattr(oc, "DRAIN_BEFORE_KEPT", drain)
+    kept, checkpointed = Block(8), Block(8)
+    monkeypatch.setattr(oc, "_KEPT_LAYERS", weakref.WeakSet([kept]))
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    hooks.in_flight = items = _fake_items(3)
+    oc.offloaded_checkpoint(functools.partial(checkpointed.__call__), x)
+    assert not any(item.done.waited for item in items) and len(hooks.in_flight) == 3
+    out = oc.offloaded_checkpoint(functools.partial(kept.__call__), x)
+    assert torch.equal(out, kept(x))
+    assert [item.done.waited for item in items] == [drain, drain, False]
+    assert len(hooks.in_flight) == (1 if drain else 3)

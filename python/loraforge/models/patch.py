@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from loraforge.models import attention as _attention
+from loraforge.models import stacked_lora
 from loraforge.models.architectures import RULES, AttentionRules, activation_of
 from loraforge.models.attention import submodule
 from loraforge.models.backward_recompute import outputs_feed_only_backward
@@ -169,7 +170,14 @@ def _make_norm_forward(gemma: bool):
 
     def forward(self, x):
         eps = getattr(self, "variance_epsilon", None)
-        return rms_norm(x, self.weight, self.eps if eps is None else eps, gemma)
+        eps = self.eps if eps is None else eps
+        if not (self.training and stacked_lora.NORM_INTO_WIDE) or torch.compiler.is_compiling():
+            return rms_norm(x, self.weight, eps, gemma)
+        # Rows padded as the stacked projection reading this output last asked (stacked_lora.ROW_PADDING)
+        state = self.__dict__
+        y = rms_norm(x, self.weight, eps, gemma, state.get(stacked_lora.ROW_PADDING, 0))
+        stacked_lora.offer_norm_output(y, state)
+        return y
 
     return forward
 
@@ -203,8 +211,25 @@ def _signed_like(original: Callable, forward: Callable) -> Callable:
     return signed
 
 
+def _hub_kernels_off(model: torch.nn.Module) -> None:
+    """Turn off transformers' hub kernels on every transformers model inside `model`.
+
+    transformers 5.2x, which requires the `kernels` package, loads models with use_kernels=True: the layers
+    it decorates (RMSNorm among them) are "kernelized", and every switch between train() and eval()
+    kernelizes them again, which resets their `forward` and silently dropped the fused forward installed
+    here (found 2026-12-07: after the first model.train(), every RMSNorm ran transformers' own). With
+    use_kernels off, their forwards are their classes' own again, and train()/eval() leave them alone."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        state = module.__dict__  # 5.2x keeps the setting behind a property, earlier releases as an attribute
+        if isinstance(module, PreTrainedModel) and True in (state.get("_use_kernels"), state.get("use_kernels")):
+            module.use_kernels = False
+
+
 def patch_model(model: torch.nn.Module) -> bool:
     """Install the fused forwards; returns False (with a warning) for an unknown architecture."""
+    _hub_kernels_off(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     rules = RULES.get(model_type)
@@ -258,6 +283,7 @@ def unpatch_model(model: torch.nn.Module) -> None:
         layer_split.uninstall(module)
         if _is_marked(module):
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(stacked_lora.ROW_PADDING, None)
             del module.__dict__[_PATCHED]
 
 

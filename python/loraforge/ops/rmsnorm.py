@@ -1,6 +1,6 @@
 """RMSNorm, Llama and Gemma forms, with autograd registered on the op.
 
-    loraforge::rms_norm(x, weight, eps, gemma) -> (y, rstd)
+    loraforge::rms_norm(x, weight, eps, gemma, row_padding=0) -> (y, rstd)
     loraforge::rms_norm_backward(grad_y, x, weight, rstd, gemma, weight_grad) -> (grad_x, grad_weight)
 
 x is [..., hidden] in float32, float16 or bfloat16; weight is [hidden]. The forms match transformers:
@@ -23,6 +23,12 @@ backward and not differentiable. Writing it costs 4 bytes a row; reading it spar
 reduction sum_j x_j**2 that would otherwise stand in series before the one it needs, sum_j g_j n_j, and
 the backward then uses the very rstd that produced y (the CUDA forward computes it correctly rounded;
 see triton_kernels/rmsnorm.py). Python callers use rms_norm() below, which returns y alone.
+
+row_padding > 0 lays y's rows `row_padding` elements apart beyond hidden, in a storage that holds the
+padding columns of every row (y itself is no view: it has no `_base`, and those columns are not its
+elements). The patched model's norms use it so that the LoRA projections reading y can write X A^T
+into the columns right of it and run [X | X A^T] [W | s B]^T without copying X into a wider buffer
+(models/stacked_lora.py, `wide_from_norm`). The values of y are the same either way.
 dweight is reduced in fp32 (per-program partial sums, then one sum) and skipped when weight needs no
 gradient (a frozen norm under LoRA): grad_weight is then empty.
 
@@ -125,9 +131,37 @@ def rms_norm_backward_reference(grad_y, x, weight, rstd, gemma, weight_grad):
 # Kernels behind the ops.
 
 
-def _forward_reference(x, weight, eps, gemma):
+def _check_padding(row_padding: int) -> None:
+    if not isinstance(row_padding, int) or row_padding < 0:
+        raise ValueError(f"row_padding must be an int >= 0, got {row_padding!r}")
+
+
+def _padded_strides(shape, width: int) -> list[int]:
+    """Strides of `shape` with rows `width` elements apart (the leading dimensions packed)."""
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = width if d == len(shape) - 2 else strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def padded_rows(shape, row_padding: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` whose rows lie shape[-1] + row_padding elements apart, in a
+    storage of numel / shape[-1] such rows (the last one's padding included); no view of anything."""
+    if row_padding == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    width = shape[-1] + row_padding
+    storage = torch.empty(math.prod(shape[:-1]) * width, dtype=dtype, device=device).untyped_storage()
+    return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape, _padded_strides(shape, width))
+
+
+def _forward_reference(x, weight, eps, gemma, row_padding=0):
     _check_args(x, weight, eps)
+    _check_padding(row_padding)
     y, rstd = rms_norm_reference(x, weight, eps, gemma)
+    if row_padding:
+        out = padded_rows(x.shape, row_padding, y.dtype, y.device)
+        out.copy_(y)
+        return out, rstd.contiguous()
     return y.contiguous(), rstd.contiguous()  # the layout the fake kernel promises
 
 
@@ -138,16 +172,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _forward_cuda(x, weight, eps, gemma):
+def _forward_cuda(x, weight, eps, gemma, row_padding=0):
     _check_args(x, weight, eps)
+    _check_padding(row_padding)
+    y = padded_rows(x.shape, row_padding, output_dtype(x, weight, gemma), x.device)
     with _native.on_device(x.device):
-        y, rstd = _triton().rms_norm_forward(_rows(x), weight.contiguous(), eps, gemma, output_dtype(x, weight, gemma))
-    return y.view(x.shape), rstd.view(x.shape[:-1])
+        _, rstd = _triton().rms_norm_forward(_rows(x), weight.contiguous(), eps, gemma, y.dtype,
+                                             out=y.view(-1, x.shape[-1]))  # fmt: skip
+    return y, rstd.view(x.shape[:-1])
 
 
-def _forward_fake(x, weight, eps, gemma):
+def _forward_fake(x, weight, eps, gemma, row_padding=0):
     _check_args(x, weight, eps)
-    return x.new_empty(x.shape, dtype=output_dtype(x, weight, gemma)), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    _check_padding(row_padding)
+    strides = _padded_strides(x.shape, x.shape[-1] + row_padding)  # the real kernel's layout
+    y = torch.empty_strided(x.shape, strides, dtype=output_dtype(x, weight, gemma), device=x.device)
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _backward_reference(grad_y, x, weight, rstd, gemma, weight_grad):
@@ -187,7 +227,7 @@ rms_norm_backward = define_op(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _eps, gemma = inputs
+    x, weight, _eps, gemma, *_row_padding = inputs
     rstd = output[1]
     ctx.mark_non_differentiable(rstd)  # a statistic for the backward; no gradient flows through it
     ctx.set_materialize_grads(False)  # so autograd does not fill a zero gradient for rstd each step
@@ -197,15 +237,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_rstd):
     if grad_y is None:  # not materialised (see _setup_context): nothing reached y
-        return None, None, None, None
+        return None, None, None, None, None
     x, weight, rstd = ctx.saved_tensors
     x_needs, weight_needs = ctx.needs_input_grad[:2]
     grad_x, grad_weight = rms_norm_backward(grad_y, x, weight, rstd, ctx.gemma, weight_needs)
-    return (grad_x if x_needs else None), (grad_weight if weight_needs else None), None, None
+    return (grad_x if x_needs else None), (grad_weight if weight_needs else None), None, None, None
 
 
 rms_norm_op = define_op(
-    "rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> (Tensor y, Tensor rstd)",
+    "rms_norm(Tensor x, Tensor weight, float eps, bool gemma, int row_padding=0) -> (Tensor y, Tensor rstd)",
     reference=_forward_reference,
     cpu=_forward_reference,
     cuda=_forward_cuda,
@@ -215,6 +255,8 @@ rms_norm_op = define_op(
 )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
-    """RMSNorm of x over its last dimension (Llama form, or Gemma's `1 + weight` with gemma=True)."""
-    return rms_norm_op(x, weight, float(eps), bool(gemma))[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False,
+             row_padding: int = 0) -> torch.Tensor:  # fmt: skip
+    """RMSNorm of x over its last dimension (Llama form, or Gemma's `1 + weight` with gemma=True);
+    row_padding: see the module docstring."""
+    return rms_norm_op(x, weight, float(eps), bool(gemma), row_padding)[0]

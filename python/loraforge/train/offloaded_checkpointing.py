@@ -52,6 +52,11 @@ _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a
 # memory peak (benchmarks/memory_phases.py, H100, 2026-12-07). Four (two layers checkpointed in halves)
 # still leave the GPU two layers of queued work.
 MAX_IN_FLIGHT = int(os.environ.get("LORAFORGE_OFFLOAD_IN_FLIGHT", "4") or 4)
+# Before the first layer that runs without a checkpoint (KEEP_LAST_LAYERS), wait for the copies still in
+# flight (all but the newest, which backward takes first): the activations of those layers, then the loss,
+# are where the forward's memory peaks, and the queue's GPU tensors would otherwise add to it. The copies
+# were issued a layer or more earlier, so the wait is short. LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT=0 turns it off.
+DRAIN_BEFORE_KEPT = os.environ.get("LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT", "1") != "0"
 
 _STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
 
@@ -173,6 +178,15 @@ class _OffloadHooks:
             oldest = self.in_flight.pop(0)
             oldest.done.synchronize()
             oldest.gpu = None
+
+    def drain(self) -> None:
+        """Wait for every copy in flight but the newest one's, and drop their GPU tensors."""
+        newest = self.in_flight[-1] if self.in_flight else None
+        for item in self.in_flight:
+            if item is not newest and item.gpu is not None:
+                item.done.synchronize()
+                item.gpu = None
+        self.in_flight = [newest] if newest is not None and newest.gpu is not None else []
 
     def unpack(self, packed):
         if not isinstance(packed, _Offloaded):
@@ -451,9 +465,10 @@ GATE_UP_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_GATE_UP_EVERY", "0") or 0)
 QKV_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_QKV_EVERY", "1") or 0)
 # Every ATTENTION_EVERY-th such layer likewise keeps its attention's output O and log-sum-exp, so that its
 # rerun skips the attention forward (models/kept_attention.py: ~0.16 ms of an 8B layer at 2 x 2,048
-# tokens on an H100, for O's 33.5 MB each way over PCIe). LORAFORGE_OFFLOAD_ATTENTION_EVERY; off (0) until
-# measured on the GPU.
-ATTENTION_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_ATTENTION_EVERY", "0") or 0)
+# tokens on an H100, for O's 33.5 MB each way over PCIe). LORAFORGE_OFFLOAD_ATTENTION_EVERY (0: none).
+# Measured on the 8B step (H100, 2026-12-07, ff19871, each in its own process): 326.3 -> 324.8 ms,
+# +0.01 GiB.
+ATTENTION_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_ATTENTION_EVERY", "1") or 0)
 KEPT_PRODUCTS_MAX_TOKENS = 16384
 _KEPT_PRODUCTS = weakref.WeakKeyDictionary()  # layer -> the kinds of products it keeps ("gate_up", "qkv", "attention")
 
@@ -472,6 +487,8 @@ def _keeps_whole(function, args) -> bool:
 def offloaded_checkpoint(function, *args, **kwargs):
     """A drop-in for transformers' `_gradient_checkpointing_func`."""
     if _KEPT_LAYERS and _keeps_whole(function, args):
+        if DRAIN_BEFORE_KEPT and _HOOKS.in_flight:
+            _HOOKS.drain()
         return function(*args, **kwargs)
     if _lean_path_applies(function, args):
         return _CheckpointedLayer.apply(function, True, _uses_dropout(_layer_of(function)), _ANCHOR, *args)

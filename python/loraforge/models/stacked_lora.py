@@ -167,8 +167,13 @@ def release_adapter_caches(params) -> None:
 # note the padding wanted, and the projections that read it note the padding their concatenation needs
 # (0 if they do not concatenate), which the norm uses from its next call on; the first call copies as
 # before. A padded output is an ordinary tensor with strided rows: any other reader gets the same
-# values. LORAFORGE_NORM_INTO_WIDE=0 turns it off.
-NORM_INTO_WIDE = os.environ.get("LORAFORGE_NORM_INTO_WIDE", "1") != "0"
+# values. Off by default (LORAFORGE_NORM_INTO_WIDE=1 turns it on): measured on the 8B step (H100,
+# 2026-12-07, 9d391fb, rows in results/train_step.csv) it took 4.5 ms of GPU work off the step, as
+# expected, but made the step slower, 405.9 against 367.8 ms in one call and 355.2 against 343.3 ms in
+# two profiled runs: the forward's host time grew from 166.5 to 206.7 ms (every fused forward slower,
+# the untouched output projection too), so the host fell behind the GPU. Why is not yet known
+# (profiles/train_step_profile_h100_9d391fb_norm_into_wide*.json).
+NORM_INTO_WIDE = os.environ.get("LORAFORGE_NORM_INTO_WIDE", "0") == "1"
 ROW_PADDING = "_loraforge_row_padding"  # in a norm's instance dict: the row padding its readers want
 _offered: tuple | None = None  # (weak reference to the last norm output offered, that norm's instance dict)
 

@@ -124,6 +124,7 @@ def test_train_and_eval_switches_keep_the_fused_forwards(saved_models, arch):
     switch, resetting their forward: patching turns that off, so every fused forward survives the switches
     (the RMSNorms lost theirs at the first model.train() until 2026-12-07)."""
     model, tokenizer = FastLanguageModel.from_pretrained(saved_models[arch], load_in_4bit=True, dtype=torch.float32)
+    assert getattr(model, "use_kernels", False) is False  # not even fetched at load
     model = FastLanguageModel.get_peft_model(model, r=4)
     patched = [m for m in model.modules() if m.__dict__.get("_loraforge_patched")]
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]

@@ -76,6 +76,15 @@ def _print_banner_once() -> None:
     print(banner())
 
 
+def _no_hub_kernels(kwargs: dict) -> dict:
+    """{"use_kernels": False} where transformers knows the argument and the caller did not set it: its hub
+    kernels would replace the layers that get_peft_model patches (patch._hub_kernels_off turns them off
+    there anyway), so fetching them at load is wasted."""
+    from transformers import PreTrainedModel
+
+    return {} if "use_kernels" in kwargs or not hasattr(PreTrainedModel, "use_kernels") else {"use_kernels": False}
+
+
 class FastLanguageModel:
     @staticmethod
     def from_pretrained(
@@ -146,7 +155,7 @@ class FastLanguageModel:
             placement = _loading.streamed_4bit_arguments(compute_dtype, device, kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             model_name, config=config, dtype=compute_dtype, token=token, trust_remote_code=trust_remote_code,
-            **placement, **kwargs,
+            **placement, **_no_hub_kernels(kwargs), **kwargs,
         )  # fmt: skip
         _loftq.record_checkpoint(model, model_name, kwargs.get("revision"), token, prequantized)
         if not (prequantized or load_in_8bit or streamed):  # those: quantized and placed by transformers

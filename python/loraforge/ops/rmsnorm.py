@@ -23,14 +23,15 @@ backward and not differentiable. Writing it costs 4 bytes a row; reading it spar
 reduction sum_j x_j**2 that would otherwise stand in series before the one it needs, sum_j g_j n_j, and
 the backward then uses the very rstd that produced y (the CUDA forward computes it correctly rounded;
 see triton_kernels/rmsnorm.py). Python callers use rms_norm() below, which returns y alone.
+dweight is reduced in fp32 (per-program partial sums, then one sum) and skipped when weight needs no
+gradient (a frozen norm under LoRA): grad_weight is then empty.
 
 row_padding > 0 lays y's rows `row_padding` elements apart beyond hidden, in a storage that holds the
 padding columns of every row (y itself is no view: it has no `_base`, and those columns are not its
-elements). The patched model's norms use it so that the LoRA projections reading y can write X A^T
-into the columns right of it and run [X | X A^T] [W | s B]^T without copying X into a wider buffer
-(models/stacked_lora.py, `wide_from_norm`). The values of y are the same either way.
-dweight is reduced in fp32 (per-program partial sums, then one sum) and skipped when weight needs no
-gradient (a frozen norm under LoRA): grad_weight is then empty.
+elements). The patched model's norms can use it (LORAFORGE_NORM_INTO_WIDE=1) so that the LoRA
+projections reading y write X A^T into the columns right of it and run [X | X A^T] [W | s B]^T without
+copying X into a wider buffer (models/stacked_lora.py, `_wide_from_norm`). The values of y are the same
+either way.
 
 Kernels: the reference below on CPU and every other device, Triton (loraforge.triton_kernels.rmsnorm)
 on CUDA.

@@ -146,6 +146,31 @@ def load(impl: str, folder: str, seq: int):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
+def _allocator_counts() -> dict:
+    """The caching allocator's calls to the driver so far: segments it allocated (cudaMalloc) and freed
+    (cudaFree, which synchronizes the device), and retries after a failed allocation (each frees cached
+    blocks first). Differences over the timed steps say whether a change made the allocator go to the
+    driver during the step, where it stalls the host."""
+    stats = torch.cuda.memory_stats()
+    return {"mallocs": stats.get("segment.all.allocated", 0), "frees": stats.get("segment.all.freed", 0),
+            "retries": stats.get("num_alloc_retries", 0)}  # fmt: skip
+
+
+_NO_COUNTS = {"mallocs": "?", "frees": "?", "retries": "?"}
+
+
+def _host_cpu() -> str:
+    """The host CPU's model name (machines lent as the same GPU kind differ in it)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False,
                 cprofile: bool = False) -> dict:
     if impl == "unsloth":
@@ -174,14 +199,16 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     torch.cuda.synchronize()
     warmup_peak = torch.cuda.max_memory_allocated() / 2**30  # the first steps included: what a run must fit
     torch.cuda.reset_peak_memory_stats()
+    allocator_before = _allocator_counts()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     steady_peak = torch.cuda.max_memory_allocated() / 2**30
+    allocator = {k: v - allocator_before[k] for k, v in _allocator_counts().items()}
     result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": max(warmup_peak, steady_peak),
-              "steady_peak_gib": steady_peak,
+              "steady_peak_gib": steady_peak, "allocator": allocator,
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
               "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses]}  # fmt: skip
     if profile:  # after the timed steps, so it cannot disturb them
@@ -284,7 +311,9 @@ def main() -> None:
                              f"warmup steps {r['steady_peak_gib']:.2f}; loading "
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
-                             "fused AdamW" + settings})  # fmt: skip
+                             "fused AdamW; allocator over the timed steps: {mallocs} segment allocations, {frees} "
+                             "frees, {retries} retries; host {cpu}".format(cpu=_host_cpu(), **r.get("allocator", _NO_COUNTS))
+                             + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)
 

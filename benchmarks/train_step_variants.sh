@@ -6,8 +6,9 @@
 # the build runs. Rows go to $OUT/train_step.csv, the LORAFORGE_* settings in their notes; the full log
 # to $OUT/bench.log. LORAFORGE_PROFILE=1 adds a profiled run of the defaults.
 #   device run (carry .devkit):
-#     bash benchmarks/train_step_variants.sh "LORAFORGE_OFFLOAD_ATTENTION_EVERY=1" \
-#          "LORAFORGE_RESIDUAL_FREE_RERUN=0" "LORAFORGE_OFFLOAD_IN_FLIGHT=8"
+#     bash benchmarks/train_step_variants.sh "LORAFORGE_OFFLOAD_IN_FLIGHT=8" \
+#          "LORAFORGE_OFFLOAD_IN_FLIGHT=12" "LORAFORGE_NORM_INTO_WIDE=1"
+# Each row's note names the host CPU and the allocator's calls to the driver over the timed steps.
 set -uo pipefail
 export OUT="${OUT:-$(mktemp -d)}"
 export PYTHONUNBUFFERED=1

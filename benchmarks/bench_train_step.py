@@ -301,6 +301,7 @@ def main() -> None:
     settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LORAFORGE_")
                        and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL",
                                      "LORAFORGE_GPU_TEST_FILES", "LORAFORGE_PROFILE"))  # fmt: skip
+    cpu = _host_cpu()
     for impl, r in results.items():
         rows.append({"benchmark": f"train_step_llama{args.shape}_{layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",
                      "impl": impl, "median_us": 1e6 * args.batch * args.seq / r["tokens_per_s"],
@@ -312,7 +313,7 @@ def main() -> None:
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              "fused AdamW; allocator over the timed steps: {mallocs} segment allocations, {frees} "
-                             "frees, {retries} retries; host {cpu}".format(cpu=_host_cpu(), **r.get("allocator", _NO_COUNTS))
+                             "frees, {retries} retries; host {cpu}".format(cpu=cpu, **r.get("allocator", _NO_COUNTS))
                              + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)

@@ -143,7 +143,8 @@ def test_a_layer_kept_out_of_the_checkpoint_drains_the_copies_first(monkeypatch,
     kept, checkpointed = Block(8), Block(8)
     monkeypatch.setattr(oc, "_KEPT_LAYERS", weakref.WeakSet([kept]))
     x = torch.randn(3, 5, 8, requires_grad=True)
-    hooks.in_flight = items = _fake_items(3)
+    items = _fake_items(3)
+    hooks.in_flight = list(items)
     oc.offloaded_checkpoint(functools.partial(checkpointed.__call__), x)
     assert not any(item.done.waited for item in items) and len(hooks.in_flight) == 3
     out = oc.offloaded_checkpoint(functools.partial(kept.__call__), x)

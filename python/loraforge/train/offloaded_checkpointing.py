@@ -172,21 +172,19 @@ class _OffloadHooks:
         self._limit_in_flight()
         return item
 
-    def _limit_in_flight(self) -> None:
-        """Where the host is far ahead of the GPU, wait for the oldest copies (MAX_IN_FLIGHT)."""
-        while len(self.in_flight) > MAX_IN_FLIGHT:
+    def _limit_in_flight(self, limit: int | None = None) -> None:
+        """Where the host is far ahead of the GPU, wait for the oldest copies until at most `limit`
+        (MAX_IN_FLIGHT) are in flight, and drop their GPU tensors."""
+        limit = MAX_IN_FLIGHT if limit is None else limit
+        while len(self.in_flight) > limit:
             oldest = self.in_flight.pop(0)
-            oldest.done.synchronize()
-            oldest.gpu = None
+            if oldest.gpu is not None:  # (None: already released, nothing to wait for)
+                oldest.done.synchronize()
+                oldest.gpu = None
 
     def drain(self) -> None:
         """Wait for every copy in flight but the newest one's, and drop their GPU tensors."""
-        newest = self.in_flight[-1] if self.in_flight else None
-        for item in self.in_flight:
-            if item is not newest and item.gpu is not None:
-                item.done.synchronize()
-                item.gpu = None
-        self.in_flight = [newest] if newest is not None and newest.gpu is not None else []
+        self._limit_in_flight(1)
 
     def unpack(self, packed):
         if not isinstance(packed, _Offloaded):

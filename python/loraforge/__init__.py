@@ -25,6 +25,8 @@ _LAZY = {
     "PatchFastRL": "loraforge.train.patch_fast_rl",
     "GRPOTrainer": "loraforge.train.grpo",
     "fast_generate": "loraforge.generation",
+    "stream_base_weights": "loraforge.models.weight_streaming",
+    "unstream_base_weights": "loraforge.models.weight_streaming",
 }
 
 __all__ = ["nf4", "cuda_kernels_built", "cuda_architectures", "__version__", *_LAZY]

@@ -147,6 +147,7 @@ def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     state = _quant_state(layer, weight)
     if state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)  # (Tensor.to costs ~1 us even as a no-op)
+    _ensure_streamed(layer)
     packed = packed_codes(weight)
     fast = _fast_cuda_dequant(layer, packed, state, dtype)
     if fast is not None:
@@ -166,9 +167,18 @@ def dequantize_into(layer: torch.nn.Module, out: torch.Tensor) -> None:
     the kernel on CUDA, through a temporary elsewhere."""
     weight = layer_weight(layer)
     state = _quant_state(layer, weight)
+    _ensure_streamed(layer)
     if _kernel_writes(out) and _fast_cuda_dequant(layer, packed_codes(weight), state, out.dtype, out) is not None:
         return
     out.copy_(dense_weight(layer, out.dtype).view(out.shape))
+
+
+def _ensure_streamed(layer: torch.nn.Module) -> None:
+    """A weight streamed from host memory (models/weight_streaming.py) is read only after its layer's
+    bytes are in its slot, in stream order."""
+    ensure = layer.__dict__.get("_loraforge_stream")
+    if ensure is not None:
+        ensure()
 
 
 def _kernel_writes(out: torch.Tensor) -> bool:

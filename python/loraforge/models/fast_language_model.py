@@ -99,6 +99,7 @@ class FastLanguageModel:
         rope_scaling: dict | None = None,
         fix_tokenizer: bool = True,
         trust_remote_code: bool = False,
+        stream_base_weights: bool = False,
         **kwargs,
     ):
         """Load (model, tokenizer). 4-bit loads quantize Linear layers to NF4 with loraforge's kernel
@@ -125,6 +126,10 @@ class FastLanguageModel:
             load_in_4bit = load_in_8bit = False
         if load_in_4bit is None:
             load_in_4bit = not (load_in_8bit or full_finetuning)
+        if not isinstance(stream_base_weights, bool):
+            raise TypeError(f"stream_base_weights must be True or False, got {stream_base_weights!r}")
+        if stream_base_weights and not load_in_4bit:
+            raise NotImplementedError("stream_base_weights=True streams NF4 base weights: it needs load_in_4bit=True")
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         compute_dtype = _pick_dtype(dtype)
@@ -172,6 +177,10 @@ class FastLanguageModel:
         model.max_seq_length = max_seq_length
         for param in model.parameters():
             param.requires_grad_(full_finetuning)
+        if stream_base_weights:
+            from loraforge.models.weight_streaming import stream_base_weights as stream
+
+            stream(model)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
         if fix_tokenizer and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,242 @@
+"""stream_base_weights=True: NF4 base weights kept in host memory and copied into two slots a layer at a time.
+
+On CPU the slots are host tensors too, but the whole mechanism runs: every weight a view into its layer's
+slot, the copies into a slot before a read, the prefetch of the next layer. Checked against the same model
+unstreamed: loss and every LoRA gradient bit for bit (checkpointing unsloth, True and off), generation,
+reads in any order of layers, state_dict, undo. On CUDA (`gpu`): the same equalities with the copies on a
+side stream, CUDA-graph decoding, and the memory the model no longer holds."""
+
+import random
+
+import pytest
+import torch
+
+from loraforge import FastLanguageModel, testing
+from loraforge.models import weight_streaming
+from loraforge.models.base_weight import dense_weight, layer_weight, packed_codes
+
+LAYERS = 5
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streamed")
+    return {arch: testing.save_tiny_model(root / arch, arch=arch, seed=7, num_hidden_layers=LAYERS)
+            for arch in ("llama", "qwen3", "gemma2")}  # fmt: skip
+
+
+def load(path, stream, device_map="auto", dtype=torch.float32, checkpointing="unsloth", peft=True):
+    model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=dtype, load_in_4bit=True, device_map=device_map,
+                                                         stream_base_weights=stream)  # fmt: skip
+    if peft:
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
+                                                 use_gradient_checkpointing=checkpointing)  # fmt: skip
+        g = torch.Generator().manual_seed(11)
+        for name, param in model.named_parameters():  # adapters that change the output
+            if "lora_B" in name:
+                param.data = (torch.randn(param.shape, generator=g) * 0.05).to(param.device, param.dtype)
+    return model, tokenizer
+
+
+def linear4bit_modules(model):
+    return [m for m in model.modules() if weight_streaming._streamable(m)]
+
+
+def loss_and_grads(model, ids):
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2"))
+@pytest.mark.parametrize("checkpointing", ("unsloth", True, False))
+def test_loss_and_lora_gradients_equal_the_unstreamed_model(model_dirs, arch, checkpointing):
+    plain, _ = load(model_dirs[arch], False, checkpointing=checkpointing)
+    streamed, _ = load(model_dirs[arch], True, checkpointing=checkpointing)
+    ids = torch.randint(0, 500, (2, 13), generator=torch.Generator().manual_seed(random.randrange(1 << 30)))
+    for _ in range(2):  # a second step starts from the slots the first left
+        loss, grads = loss_and_grads(plain, ids)
+        loss_s, grads_s = loss_and_grads(streamed, ids)
+        assert torch.equal(loss, loss_s)
+        assert grads.keys() == grads_s.keys() and len(grads) == 7 * 2 * LAYERS
+        for name in grads:
+            assert torch.equal(grads[name], grads_s[name]), name
+
+
+def test_each_weight_is_a_view_into_its_layers_slot(model_dirs):
+    model, _ = load(model_dirs["llama"], True, peft=False)
+    streamer = weight_streaming.streamer_of(model)
+    assert len(streamer.layers) == LAYERS and all(len(group) == 7 for group in streamer.linears)
+    slots = [slot.buffer.untyped_storage().data_ptr() for slot in streamer.slots]
+    for index, group in enumerate(streamer.linears):
+        for module in group:
+            packed = packed_codes(layer_weight(module))
+            assert packed.untyped_storage().data_ptr() == slots[index % 2]
+    # Two layers' bytes are held in slots; every layer's in host memory.
+    assert streamer.slots[0].buffer.numel() == max(h.numel() for h in streamer.host)
+    first = [packed_codes(layer_weight(m)).data_ptr() for m in streamer.linears[0]]
+    third = [packed_codes(layer_weight(m)).data_ptr() for m in streamer.linears[2]]
+    assert first == third
+
+
+def test_reads_in_any_layer_order_give_each_layers_weights(model_dirs):
+    plain, _ = load(model_dirs["qwen3"], False, peft=False)
+    streamed, _ = load(model_dirs["qwen3"], True, peft=False)
+    expected = [dense_weight(m, torch.float32) for m in linear4bit_modules(plain)]
+    modules = linear4bit_modules(streamed)
+    order = list(range(len(modules)))
+    random.Random(random.randrange(1 << 30)).shuffle(order)
+    for i in order:
+        assert torch.equal(dense_weight(modules[i], torch.float32), expected[i]), i
+    # bitsandbytes' own forward (PEFT's unfused path) reads through the forward pre-hook.
+    x = torch.randn(3, modules[0].in_features)
+    for i in order[:10]:
+        reference = linear4bit_modules(plain)[i](x)
+        assert torch.equal(modules[i](x), reference), i
+
+
+def test_a_forward_copies_each_layer_once(model_dirs):
+    model, _ = load(model_dirs["llama"], True)
+    streamer = weight_streaming.streamer_of(model)
+    ids = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        before = streamer.copies
+        model(input_ids=ids)
+        first = streamer.copies - before
+        before = streamer.copies
+        model(input_ids=ids)
+        second = streamer.copies - before
+    assert first <= LAYERS and second == LAYERS  # the second forward starts from the last layers' slots
+    before = streamer.copies
+    loss_and_grads(model, ids)  # forward, then backward with the checkpointed layers rerun in reverse
+    assert streamer.copies - before <= 2 * LAYERS
+
+
+def test_generation_equals_the_unstreamed_model(model_dirs):
+    from loraforge import fast_generate
+
+    plain, tokenizer = load(model_dirs["gemma2"], False)
+    streamed, _ = load(model_dirs["gemma2"], True)
+    batch = tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True)
+    for model in (plain, streamed):
+        FastLanguageModel.for_inference(model)
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
+    with torch.no_grad():
+        expected = plain.generate(**batch, **kwargs)
+        assert torch.equal(streamed.generate(**batch, **kwargs), expected)
+    assert torch.equal(fast_generate(streamed, **batch, **kwargs), expected)
+
+
+def test_state_dict_and_undo_give_the_original_bytes(model_dirs, tmp_path):
+    plain, _ = load(model_dirs["llama"], False)
+    streamed, _ = load(model_dirs["llama"], True)
+    reference = {k: v.clone() for k, v in plain.state_dict().items()}
+    state = streamed.state_dict()
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(state[key].cpu(), value.cpu()), key
+    # A saved adapter is the same file content.
+    plain.save_pretrained(tmp_path / "plain")
+    streamed.save_pretrained(tmp_path / "streamed")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "streamed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 500, (2, 11))
+    loss, grads = loss_and_grads(streamed, ids)
+    import loraforge
+
+    loraforge.unstream_base_weights(streamed)
+    assert weight_streaming.streamer_of(streamed) is None
+    pointers = {packed_codes(layer_weight(m)).data_ptr() for m in linear4bit_modules(streamed)}
+    assert len(pointers) == len(linear4bit_modules(streamed))  # each weight its own tensor again
+    loss_after, grads_after = loss_and_grads(streamed, ids)
+    assert torch.equal(loss, loss_after) and all(torch.equal(grads[k], grads_after[k]) for k in grads)
+    for key, value in reference.items():
+        assert torch.equal(streamed.state_dict()[key].cpu(), value.cpu()), key
+
+
+def test_streaming_a_peft_model_streams_each_base_weight_once(model_dirs):
+    plain, _ = load(model_dirs["llama"], False)
+    model, _ = load(model_dirs["llama"], False)
+    streamer = weight_streaming.stream_base_weights(model)
+    assert [len(group) for group in streamer.linears] == [7] * LAYERS
+    assert weight_streaming.stream_base_weights(model) is streamer  # a second call changes nothing
+    ids = torch.randint(0, 500, (2, 11))
+    loss, grads = loss_and_grads(plain, ids)
+    loss_s, grads_s = loss_and_grads(model, ids)
+    assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
+
+
+def test_bad_input(model_dirs):
+    with pytest.raises(TypeError, match="stream_base_weights must be True or False"):
+        FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=True, stream_base_weights="yes")
+    with pytest.raises(NotImplementedError, match="needs load_in_4bit=True"):
+        FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=False, stream_base_weights=True)
+    sixteen_bit, _ = FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs NF4"):
+        weight_streaming.stream_base_weights(sixteen_bit)
+    with pytest.raises(ValueError, match="no decoder layers"):
+        weight_streaming.stream_base_weights(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        weight_streaming.stream_base_weights("model")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the copies on a side stream.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cuda_training_and_graph_decoding_equal_the_unstreamed_model(tmp_path, dtype):
+    from loraforge import fast_generate
+    from loraforge.generation import decode
+
+    path = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=3, hidden_size=512, intermediate_size=1536,
+                                   num_hidden_layers=6)  # fmt: skip
+    plain, tokenizer = load(path, False, dtype=dtype)
+    streamed, _ = load(path, True, dtype=dtype)
+    ids = torch.randint(0, 500, (2, 300), device="cuda")
+    for _ in range(2):
+        loss, grads = loss_and_grads(plain, ids)
+        loss_s, grads_s = loss_and_grads(streamed, ids)
+        assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
+    batch = {k: v.cuda() for k, v in tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True).items()}
+    kwargs = {"max_new_tokens": 30, "do_sample": False, "eos_token_id": None}
+    for model in (plain, streamed):
+        FastLanguageModel.for_inference(model)
+    expected = fast_generate(plain, **batch, **kwargs, use_cuda_graph=False)
+    before = dict(decode.STATS)
+    graphed = fast_generate(streamed, **batch, **kwargs)
+    assert decode.STATS["captures"] - before["captures"] == 1 and decode.STATS["capture_failures"] == before["capture_failures"]
+    assert torch.equal(graphed, expected)
+    assert torch.equal(fast_generate(streamed, **batch, **kwargs), expected)  # the graph replayed again
+    # Training after graph decoding (the slots as the replays left them).
+    FastLanguageModel.for_training(streamed)
+    FastLanguageModel.for_training(plain)
+    loss, grads = loss_and_grads(plain, ids)
+    loss_s, grads_s = loss_and_grads(streamed, ids)
+    assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
+
+
+@pytest.mark.gpu
+def test_cuda_memory_holds_two_layers_of_base_weights(tmp_path):
+    path = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=3, hidden_size=512, intermediate_size=1536,
+                                   num_hidden_layers=8)  # fmt: skip
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    plain, _ = load(path, False, dtype=torch.bfloat16, peft=False)
+    resident = torch.cuda.memory_allocated() - start
+    del plain
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    streamed, _ = load(path, True, dtype=torch.bfloat16, peft=False)
+    held = torch.cuda.memory_allocated() - start
+    streamer = weight_streaming.streamer_of(streamed)
+    layer_bytes = streamer.host[0].numel()
+    assert resident - held == pytest.approx(8 * layer_bytes - 2 * layer_bytes, rel=0.02)
+    assert streamer.host[0].is_pinned()

@@ -9,6 +9,8 @@ runs in its own process, all in one run:
                      model.generate: splits the effect of our model from that of our trainer)
     loraforge_hfgen  (not run by default) loraforge's GRPOTrainer with fast_generation=False: our scoring,
                      TRL's model.generate rollouts
+    loraforge_streamed  (not run by default) loraforge with stream_base_weights=True: the NF4 base weights
+                     in host memory, copied to the GPU a layer at a time (models/weight_streaming.py)
 
 Reported per variant, for the last of the timed steps: the whole step (rollout + scoring + loss +
 backward, seconds), the rollout alone (generation, then scoring the old policy / reference when
@@ -35,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train_step import TARGETS  # noqa: E402  (the seven projections every benchmark adapts)
 
-IMPLS = ("trl", "loraforge", "loraforge_model", "loraforge_hfgen")
+IMPLS = ("trl", "loraforge", "loraforge_model", "loraforge_hfgen", "loraforge_streamed")
 DEFAULT_IMPLS = ("trl", "loraforge", "loraforge_model")
 PROMPT = ("You are a careful assistant. Think step by step about the question, then answer it. Question: a "
           "train leaves at nine and travels for three hours at sixty miles an hour; how far does it go?")  # fmt: skip
@@ -64,11 +66,12 @@ def load(impl: str, folder: str, max_seq: int):
     """(model, tokenizer, peft_config or None) the way each library's users load a QLoRA model."""
     import torch
 
-    if impl in ("loraforge", "loraforge_model", "loraforge_hfgen"):
+    if impl.startswith("loraforge"):
         from loraforge import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=max_seq, load_in_4bit=True,
-                                                             dtype=torch.bfloat16)  # fmt: skip
+                                                             dtype=torch.bfloat16,
+                                                             stream_base_weights=impl == "loraforge_streamed")  # fmt: skip
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                  use_gradient_checkpointing="unsloth")  # fmt: skip
         return model, tokenizer, None
@@ -95,10 +98,10 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
 
     model, tokenizer, peft_config = load(impl, folder, 256 + args.completion_length)
     trainer_class, extra = trl.GRPOTrainer, {}
-    if impl in ("loraforge", "loraforge_hfgen"):
+    if impl in ("loraforge", "loraforge_hfgen", "loraforge_streamed"):
         from loraforge.train.grpo import GRPOTrainer as trainer_class
 
-        extra = {"fast_generation": impl == "loraforge"}
+        extra = {"fast_generation": impl != "loraforge_hfgen"}
     with tempfile.TemporaryDirectory() as out_dir:
         config = trl.GRPOConfig(
             output_dir=out_dir, per_device_train_batch_size=args.generations, num_generations=args.generations,
@@ -123,6 +126,11 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = {name: values[-1] for name, values in phases.items() if values}
     graph = {k: v - graph_before[k] for k, v in decode.STATS.items() if v - graph_before[k]}
+    from loraforge.models.weight_streaming import streamer_of
+
+    streamer = streamer_of(trainer.model)
+    if streamer is not None:  # layer copies over the whole run (warmup included)
+        graph["layer_fills_issued"] = streamer.copies
     return {**last, "train_wall_s": wall, "fast_generate": graph, "loss": logs[-1]["loss"] if logs else None,
             "completion_length": logs[-1].get("completions/mean_length") if logs else None,
             "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}  # fmt: skip

@@ -43,7 +43,7 @@ _ALIGN = 256  # bytes: each weight's offset in a slot, so the kernels' 16-byte v
 
 
 class _Slot:
-    __slots__ = ("buffer", "holds", "filled")
+    __slots__ = ("buffer", "filled", "holds")
 
     def __init__(self, buffer: torch.Tensor):
         self.buffer = buffer  # uint8, the largest layer's bytes
@@ -54,7 +54,7 @@ class _Slot:
 class _EnsureLayer:
     """Stored on each streamed Linear4bit (`_loraforge_stream`): `ensure` of its layer, as a call."""
 
-    __slots__ = ("streamer", "index")
+    __slots__ = ("index", "streamer")
 
     def __init__(self, streamer: WeightStreamer, index: int):
         self.streamer, self.index = streamer, index

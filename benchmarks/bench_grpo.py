@@ -119,6 +119,7 @@ def run_variant(impl: str, folder: str, args: argparse.Namespace) -> dict:
         graph_before = dict(decode.STATS)
         phases = instrument(trainer)
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the steps' peaks, not loading's (with --warmup 0 too)
         start = time.perf_counter()
         trainer.train()
         torch.cuda.synchronize()

@@ -240,3 +240,34 @@ def test_cuda_memory_holds_two_layers_of_base_weights(tmp_path):
     layer_bytes = streamer.host[0].numel()
     assert resident - held == pytest.approx(8 * layer_bytes - 2 * layer_bytes, rel=0.02)
     assert streamer.host[0].is_pinned()
+
+
+def test_grpo_training_equals_the_unstreamed_model(model_dirs, tmp_path):
+    """Our GRPOTrainer (rollouts, scoring with the reference = adapters off, loss, optimizer steps) on a
+    streamed model logs the same losses and ends with the same adapters as on the unstreamed one."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from loraforge.train.grpo import GRPOTrainer
+
+    def reward(prompts, completions, completion_ids=None, **kwargs):
+        return [float(sum(ids[:3]) % 3) for ids in completion_ids]
+
+    runs = []
+    for stream in (False, True):
+        model, tokenizer = load(model_dirs["llama"], stream)
+        args = trl.GRPOConfig(output_dir=str(tmp_path / f"out{stream}"), per_device_train_batch_size=4,
+                              num_generations=2, max_completion_length=5, report_to=[], use_cpu=True, bf16=False,
+                              save_strategy="no", disable_tqdm=True, logging_steps=1, max_steps=2, beta=0.04,
+                              seed=3, learning_rate=1e-3)  # fmt: skip
+        prompts = datasets.Dataset.from_dict({"prompt": [f"Tell me about {t}." for t in ("cats", "rain")] * 4})
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=prompts,
+                              processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((losses, adapters))
+    (losses, adapters), (losses_s, adapters_s) = runs
+    assert len(losses) == 2 and losses == losses_s
+    assert adapters.keys() == adapters_s.keys() and all(torch.equal(adapters[k], adapters_s[k]) for k in adapters)
+    assert any(not torch.equal(adapters[k], load(model_dirs["llama"], False)[0].state_dict().get(k, adapters[k]))
+               for k in adapters)  # fmt: skip

@@ -186,6 +186,20 @@ def test_bad_input(model_dirs):
         weight_streaming.stream_base_weights("model")
 
 
+@pytest.mark.parametrize("stream_at_load", (True, False))
+def test_peft_merge_is_refused_until_unstreamed(model_dirs, stream_at_load):
+    import loraforge
+
+    model, _ = load(model_dirs["llama"], stream_at_load)
+    if not stream_at_load:
+        loraforge.stream_base_weights(model)
+    with pytest.raises(NotImplementedError, match="unstream_base_weights"):
+        model.merge_adapter()
+    loraforge.unstream_base_weights(model)
+    model.merge_adapter()  # PEFT's own merge again (re-quantizing the merged weights: lossy, PEFT's matter)
+    assert all(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "base_layer"))
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: the copies on a side stream.
 
@@ -205,14 +219,19 @@ def test_cuda_training_and_graph_decoding_equal_the_unstreamed_model(tmp_path, d
         loss, grads = loss_and_grads(plain, ids)
         loss_s, grads_s = loss_and_grads(streamed, ids)
         assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
-    batch = {k: v.cuda() for k, v in tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True).items()}
+    batch = {
+        k: v.cuda() for k, v in tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True).items()
+    }
     kwargs = {"max_new_tokens": 30, "do_sample": False, "eos_token_id": None}
     for model in (plain, streamed):
         FastLanguageModel.for_inference(model)
     expected = fast_generate(plain, **batch, **kwargs, use_cuda_graph=False)
     before = dict(decode.STATS)
     graphed = fast_generate(streamed, **batch, **kwargs)
-    assert decode.STATS["captures"] - before["captures"] == 1 and decode.STATS["capture_failures"] == before["capture_failures"]
+    assert (
+        decode.STATS["captures"] - before["captures"] == 1
+        and decode.STATS["capture_failures"] == before["capture_failures"]
+    )
     assert torch.equal(graphed, expected)
     assert torch.equal(fast_generate(streamed, **batch, **kwargs), expected)  # the graph replayed again
     # Training after graph decoding (the slots as the replays left them).

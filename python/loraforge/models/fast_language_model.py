@@ -237,6 +237,10 @@ class FastLanguageModel:
             _loftq.loftq_initialize(peft_model, loftq_iter=loftq["loftq_iter"])
         enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         _patch.patch_model(peft_model)
+        from loraforge.models import weight_streaming
+
+        if weight_streaming.streamer_of(peft_model) is not None:
+            weight_streaming.guard_merges(peft_model)
         from loraforge.export import attach_export_methods
 
         attach_export_methods(peft_model)

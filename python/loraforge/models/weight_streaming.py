@@ -205,6 +205,30 @@ def _state_dict_from_host(module, state_dict, prefix, local_metadata) -> None:
         state_dict[key] = ensure.streamer.host_weight(module)
 
 
+def _refuse_merge(*args, **kwargs):
+    raise NotImplementedError("merging adapters into streamed base weights (stream_base_weights=True) is not "
+                              "supported: call loraforge.unstream_base_weights(model) first")  # fmt: skip
+
+
+def guard_merges(model: torch.nn.Module) -> None:
+    """PEFT's merge / unmerge of a LoRA layer over a streamed weight would read and replace the slot's
+    bytes directly: refused on each such layer (this instance only) with a clear error."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Module) and "_loraforge_stream" in base.__dict__:
+            for name in ("merge", "unmerge"):
+                if hasattr(module, name):
+                    module.__dict__[name] = _refuse_merge
+
+
+def _allow_merges(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if module.__dict__.get("merge") is _refuse_merge:
+            del module.__dict__["merge"]
+        if module.__dict__.get("unmerge") is _refuse_merge:
+            del module.__dict__["unmerge"]
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers in order (the modules transformers checkpoints one by one)."""
     from loraforge.train.offloaded_checkpointing import _checkpointed_layers
@@ -231,6 +255,7 @@ def stream_base_weights(model: torch.nn.Module) -> WeightStreamer:
                          "GradientCheckpointingLayer modules)")  # fmt: skip
     streamer = WeightStreamer(layers)
     model.__dict__["_loraforge_weight_streamer"] = streamer
+    guard_merges(model)
     return streamer
 
 
@@ -241,6 +266,7 @@ def unstream_base_weights(model: torch.nn.Module) -> None:
         streamer = module.__dict__.pop("_loraforge_weight_streamer", None)
         if streamer is not None:
             streamer.unstream()
+            _allow_merges(model)
             return
 
 

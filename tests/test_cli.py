@@ -99,7 +99,7 @@ def grpo_run(tiny_files):
     code, text = main_output(["grpo", "--config", config, "--max-steps", "2", "--num-generations", "2",
                               "--max-completion-length", "4", "--max-prompt-length", "96", "--length-target", "3",
                               "--system-prompt", "Answer in <answer> tags.", "--output", output, "--export",
-                              "merged_16bit"])  # fmt: skip
+                              "merged_16bit", "--stream-base-weights"])  # fmt: skip
     assert code == 0
     return output, text
 
@@ -110,6 +110,7 @@ def test_grpo_trains_saves_exports_and_summarises(grpo_run):
     assert (output / "merged_16bit" / "config.json").is_file()
     used = yaml.safe_load((output / "grpo_config.yaml").read_text())
     assert used["max_steps"] == 2  # the flag won over the config's 5
+    assert used["stream_base_weights"] is True  # trained and merged from host-held base weights
     assert used["rewards"] == ["xml_tags:0.5", "numeric_answer:2.0", "length:0.25"]
     assert used["learning_rate"] == pytest.approx(5e-6) and used["loss_type"] == "dapo" and used["beta"] == 0
     assert "1 of 10 prompts are longer than 96 tokens (--max-prompt-length) and are left out\n  step 1/2" in text
@@ -186,6 +187,8 @@ GRPO = ["grpo", "--model", "{base}", "--dataset", "{questions}", "--prompt-colum
         (["sft", "--model", "{base}", "--dataset", "{data}", "--learning-rate", "-1"], "must be positive"),
         (["sft", "--model", "{base}", "--dataset", "{data}", "--output", "{root}/t", "--target-modules", "qkv_proj"],
          "not modules of this model"),
+        (["sft", "--model", "{base}", "--dataset", "{data}", "--stream-base-weights", "--no-load-in-4bit"],
+         "needs --load-in-4bit"),
         (["sft", "--config", "{root}/typo.yaml"], "unknown key 'lerning_rate'; valid keys:"),
         (["sft", "--config", "{root}/nothing.yaml"], "does not exist"),
         (["export", "--adapter", "{base}", "--output", "{root}/x", "--format", "merged_16bit"], "no adapter_config"),

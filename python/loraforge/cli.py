@@ -213,6 +213,9 @@ def _add_sft(commands) -> argparse.ArgumentParser:
                       help="longer examples are cut (default: the model's context, at most 2048)")
     data.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction,
                       help="load the base in 4-bit NF4 (QLoRA); --no-load-in-4bit trains LoRA on 16-bit (default: on)")
+    data.add_argument("--stream-base-weights", action=argparse.BooleanOptionalAction,
+                      help="keep the 4-bit base weights in host memory and copy them to the GPU a layer at a time: "
+                      "two layers' weights on the GPU instead of all, slower generation (default: off)")
     data.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                       help="compute dtype (default: auto: bfloat16 where the GPU has it, else float16; float32 on CPU)")
     add_lora_options(parser, d)

@@ -93,6 +93,9 @@ def add_grpo(commands) -> argparse.ArgumentParser:
                       "with; must hold prompt + completion (default: the model's context, at most 2048)")
     data.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction,
                       help="load the base in 4-bit NF4 (QLoRA); --no-load-in-4bit trains LoRA on 16-bit (default: on)")
+    data.add_argument("--stream-base-weights", action=argparse.BooleanOptionalAction,
+                      help="keep the 4-bit base weights in host memory and copy them to the GPU a layer at a time: "
+                      "two layers' weights on the GPU instead of all, slower generation (default: off)")
     data.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                       help="compute dtype (default: auto: bfloat16 where the GPU has it, else float16; float32 on CPU)")
     reward = parser.add_argument_group("rewards")

@@ -292,3 +292,18 @@ def test_grpo_training_equals_the_unstreamed_model(model_dirs, tmp_path):
     assert adapters.keys() == adapters_s.keys() and all(torch.equal(adapters[k], adapters_s[k]) for k in adapters)
     assert any(not torch.equal(adapters[k], load(model_dirs["llama"], False)[0].state_dict().get(k, adapters[k]))
                for k in adapters)  # fmt: skip
+
+
+def test_merged_export_equals_the_unstreamed_models(model_dirs, tmp_path):
+    """save_pretrained_merged reads each base weight through the streamer: the same merged file."""
+    from safetensors.torch import load_file
+
+    files = []
+    for stream in (False, True):
+        model, tokenizer = load(model_dirs["qwen3"], stream)
+        folder = tmp_path / f"merged_{stream}"
+        model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
+        files.append({k: v for name in sorted(folder.glob("*.safetensors")) for k, v in load_file(name).items()})
+    plain, streamed = files
+    assert plain.keys() == streamed.keys() and len(plain) > 7 * LAYERS
+    assert all(torch.equal(plain[k], streamed[k]) for k in plain)

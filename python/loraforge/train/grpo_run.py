@@ -56,6 +56,7 @@ class GRPOSettings:
     chat_template: str | None = None  # None: the tokenizer's own template
     max_seq_length: int | None = None  # None: the model's context, at most 2048
     load_in_4bit: bool = True
+    stream_base_weights: bool = False  # NF4 base weights in host memory, a layer at a time on the GPU
     dtype: str = "auto"
     r: int = 16
     lora_alpha: int = 16

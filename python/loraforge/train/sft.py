@@ -60,6 +60,7 @@ class SFTSettings:
     column: str | None = None  # None: "messages", "conversations" or "text", whichever exists
     max_seq_length: int | None = None  # None: the model's context, at most 2048
     load_in_4bit: bool = True
+    stream_base_weights: bool = False  # NF4 base weights in host memory, a layer at a time on the GPU
     dtype: str = "auto"  # auto: bf16 where the GPU has it, else fp16; fp32 on CPU
     r: int = 16
     lora_alpha: int = 16
@@ -141,6 +142,8 @@ def validate(settings: SFTSettings) -> None:
         except ValueError as error:
             raise SFTInputError(str(error)) from None
     check_model_source(settings.model)
+    if getattr(settings, "stream_base_weights", False) and not settings.load_in_4bit:
+        raise SFTInputError("--stream-base-weights streams NF4 base weights: it needs --load-in-4bit")
     if not Path(settings.dataset).expanduser().exists():
         raise SFTInputError(f"dataset {settings.dataset!r} does not exist (give a .jsonl, .json, .csv or .parquet "
                             "file, or a folder written by datasets' save_to_disk)")  # fmt: skip
@@ -161,6 +164,7 @@ def load_model(settings: SFTSettings):
         model, tokenizer = FastLanguageModel.from_pretrained(
             str(Path(settings.model).expanduser()) if Path(settings.model).expanduser().exists() else settings.model,
             max_seq_length=settings.max_seq_length, dtype=_DTYPES[settings.dtype], load_in_4bit=settings.load_in_4bit,
+            stream_base_weights=getattr(settings, "stream_base_weights", False),
         )  # fmt: skip
     except OSError as error:  # not a folder, not on the hub, no network, no access
         raise SFTInputError(f"could not load model {settings.model!r}: {error}") from None

@@ -263,6 +263,28 @@ def test_cuda_memory_holds_two_layers_of_base_weights(tmp_path):
     assert torch.cuda.memory_allocated() - held == pytest.approx(6 * layer_bytes, rel=0.02)
 
 
+@pytest.mark.gpu
+def test_cuda_load_never_holds_the_whole_4bit_model(tmp_path):
+    """From a 16-bit checkpoint each weight is quantized on the GPU and its packed codes go to host memory at
+    once: the load's peak is below the unstreamed load's by most of the layers' bytes."""
+    import gc
+
+    path = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=3, hidden_size=512, intermediate_size=1536,
+                                   num_hidden_layers=8)  # fmt: skip
+    peaks = []
+    for stream in (False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model, _ = load(path, stream, dtype=torch.bfloat16, peft=False)
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+        layer_bytes = sum(packed_codes(layer_weight(m)).numel() for m in linear4bit_modules(model)) // 8
+        del model
+    plain, streamed = peaks
+    assert plain - streamed >= 5 * layer_bytes  # 8 layers' codes against 2 slots and one weight in flight
+
+
 def test_grpo_training_equals_the_unstreamed_model(model_dirs, tmp_path):
     """Our GRPOTrainer (rollouts, scoring with the reference = adapters off, loss, optimizer steps) on a
     streamed model logs the same losses and ends with the same adapters as on the unstreamed one."""

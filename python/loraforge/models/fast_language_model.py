@@ -167,8 +167,14 @@ class FastLanguageModel:
             if load_in_4bit:
                 from loraforge.models.quantize_model import quantize_linears
 
-                # Layer by layer onto the device, so the 16-bit model never sits on the GPU whole.
-                quantize_linears(model, compute_dtype, device=device)
+                # Layer by layer onto the device, so the 16-bit model never sits on the GPU whole; when
+                # streaming, the packed codes go back to host memory at once, so the 4-bit one does not either.
+                quantize_linears(model, compute_dtype, device=device,
+                                 packed_device="cpu" if stream_base_weights else None)  # fmt: skip
+                if stream_base_weights:
+                    from loraforge.models.weight_streaming import stream_base_weights as stream
+
+                    stream(model, device=device)  # before model.to: the weights become views into GPU slots
             model.to(device)
             if load_in_4bit:
                 # What transformers sets for its own bitsandbytes loads; PEFT keys its 4-bit LoRA
@@ -177,7 +183,7 @@ class FastLanguageModel:
         model.max_seq_length = max_seq_length
         for param in model.parameters():
             param.requires_grad_(full_finetuning)
-        if stream_base_weights:
+        if stream_base_weights:  # (a no-op where the load above streamed already)
             from loraforge.models.weight_streaming import stream_base_weights as stream
 
             stream(model)

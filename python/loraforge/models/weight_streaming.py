@@ -66,14 +66,16 @@ class _EnsureLayer:
 class WeightStreamer:
     """The host buffers, the two slots and the copy schedule of one model's streamed layers."""
 
-    def __init__(self, layers: list[torch.nn.Module]):
+    def __init__(self, layers: list[torch.nn.Module], device: torch.device | str | None = None):
         self.layers = layers
         self.linears = [[m for m in layer.modules() if _streamable(m)] for layer in layers]
         if not any(self.linears):
             raise ValueError("stream_base_weights needs NF4 (load_in_4bit=True) base weights in the decoder layers; "
                              "this model has none")  # fmt: skip
         first = next(m for group in self.linears for m in group)
-        self.device = packed_codes(layer_weight(first)).device
+        # The weights' device; `device` where the packed codes are still in host memory (a load that
+        # quantized them there: from_pretrained with stream_base_weights).
+        self.device = torch.device(device) if device is not None else packed_codes(layer_weight(first)).device
         cuda = self.device.type == "cuda"
         self.offsets, self.host = [], []
         for group in self.linears:
@@ -236,10 +238,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return _checkpointed_layers(model)
 
 
-def stream_base_weights(model: torch.nn.Module) -> WeightStreamer:
+def stream_base_weights(model: torch.nn.Module, device: torch.device | str | None = None) -> WeightStreamer:
     """Keep `model`'s NF4 base weights in pinned host memory and stream them to the GPU a decoder layer at a
     time (see the module docstring). Returns the streamer, which the model also keeps
-    (`model._loraforge_weight_streamer`). Undo with `unstream_base_weights(model)`."""
+    (`model._loraforge_weight_streamer`). Undo with `unstream_base_weights(model)`. `device`: the GPU the
+    slots go on, where the packed codes are still in host memory (default: where they are)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     existing = streamer_of(model)
@@ -253,7 +256,7 @@ def stream_base_weights(model: torch.nn.Module) -> WeightStreamer:
     if not layers:
         raise ValueError("stream_base_weights found no decoder layers in this model (transformers' "
                          "GradientCheckpointingLayer modules)")  # fmt: skip
-    streamer = WeightStreamer(layers)
+    streamer = WeightStreamer(layers, device)
     model.__dict__["_loraforge_weight_streamer"] = streamer
     guard_merges(model)
     return streamer

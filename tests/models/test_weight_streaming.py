@@ -329,3 +329,19 @@ def test_merged_export_equals_the_unstreamed_models(model_dirs, tmp_path):
     plain, streamed = files
     assert plain.keys() == streamed.keys() and len(plain) > 7 * LAYERS
     assert all(torch.equal(plain[k], streamed[k]) for k in plain)
+
+
+def test_layers_kept_out_of_the_checkpoint_read_their_weights_again_in_backward(model_dirs, monkeypatch):
+    """The memory streaming frees can keep more layers out of the checkpoint (LORAFORGE_KEEP_LAST_LAYERS): their
+    backward runs without a rerun, from saved activations, and must still find its own layer's weights."""
+    from loraforge.train import offloaded_checkpointing
+
+    monkeypatch.setattr(offloaded_checkpointing, "KEEP_LAST_LAYERS", 3)
+    plain, _ = load(model_dirs["qwen3"], False)
+    streamed, _ = load(model_dirs["qwen3"], True)
+    layers = weight_streaming.decoder_layers(streamed)
+    assert sum(layer in offloaded_checkpointing._KEPT_LAYERS for layer in layers) == 3
+    ids = torch.randint(0, 500, (2, 13))
+    loss, grads = loss_and_grads(plain, ids)
+    loss_s, grads_s = loss_and_grads(streamed, ids)
+    assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)

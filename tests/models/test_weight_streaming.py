@@ -66,6 +66,20 @@ def test_loss_and_lora_gradients_equal_the_unstreamed_model(model_dirs, arch, ch
             assert torch.equal(grads[name], grads_s[name]), name
 
 
+def test_a_prequantized_checkpoint_streams_from_host_memory(model_dirs, tmp_path):
+    """A checkpoint saved in 4 bits is read into host memory and streamed from there: the same loss and
+    gradients as the same checkpoint loaded without streaming."""
+    save_4bit_checkpoint(model_dirs["llama"], tmp_path / "nf4")
+    plain, _ = load(tmp_path / "nf4", False)
+    streamed, _ = load(tmp_path / "nf4", True)
+    assert weight_streaming.streamer_of(streamed) is not None
+    ids = torch.randint(0, 500, (2, 13))
+    loss, grads = loss_and_grads(plain, ids)
+    loss_s, grads_s = loss_and_grads(streamed, ids)
+    assert torch.equal(loss, loss_s) and grads.keys() == grads_s.keys()
+    assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
+
+
 def test_each_weight_is_a_view_into_its_layers_slot(model_dirs):
     model, _ = load(model_dirs["llama"], True, peft=False)
     streamer = weight_streaming.streamer_of(model)
@@ -263,14 +277,31 @@ def test_cuda_memory_holds_two_layers_of_base_weights(tmp_path):
     assert torch.cuda.memory_allocated() - held == pytest.approx(6 * layer_bytes, rel=0.02)
 
 
+def save_4bit_checkpoint(source, folder):
+    """`source` quantized by transformers + bitsandbytes on CPU and saved in 4 bits (a pre-quantized checkpoint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"})  # fmt: skip
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.gpu
-def test_cuda_load_never_holds_the_whole_4bit_model(tmp_path):
-    """From a 16-bit checkpoint each weight is quantized on the GPU and its packed codes go to host memory at
-    once: the load's peak is below the unstreamed load's by most of the layers' bytes."""
+@pytest.mark.parametrize("checkpoint", ("16-bit", "4-bit"))
+def test_cuda_load_never_holds_the_whole_4bit_model(tmp_path, checkpoint):
+    """A 16-bit checkpoint: each weight is quantized on the GPU and its packed codes go to host memory at once;
+    a 4-bit one is read into host memory. Either way the load's peak is below the unstreamed load's by most of
+    the layers' bytes."""
     import gc
 
     path = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=3, hidden_size=512, intermediate_size=1536,
                                    num_hidden_layers=8)  # fmt: skip
+    if checkpoint == "4-bit":
+        path = save_4bit_checkpoint(path, tmp_path / "nf4")
     peaks = []
     for stream in (False, True):
         gc.collect()
@@ -280,6 +311,7 @@ def test_cuda_load_never_holds_the_whole_4bit_model(tmp_path):
         model, _ = load(path, stream, dtype=torch.bfloat16, peft=False)
         peaks.append(torch.cuda.max_memory_allocated() - start)
         layer_bytes = sum(packed_codes(layer_weight(m)).numel() for m in linear4bit_modules(model)) // 8
+        assert all(m.weight.device.type == "cuda" for m in linear4bit_modules(model))
         del model
     plain, streamed = peaks
     assert plain - streamed >= 5 * layer_bytes  # 8 layers' codes against 2 slots and one weight in flight

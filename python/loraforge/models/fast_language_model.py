@@ -154,6 +154,11 @@ class FastLanguageModel:
         placement = {"device_map": placed_map} if prequantized and device_map is not None else {}
         if load_in_8bit:
             placement = _8bit_load_arguments(config, prequantized, placed_map, device, kwargs)
+        # A 4-bit checkpoint to stream: read into host memory (bitsandbytes loads 4-bit weights on CPU), so
+        # the GPU only ever holds the streamer's two slots of it.
+        stream_from_host = stream_base_weights and prequantized and not load_in_8bit
+        if stream_from_host:
+            placement = {"device_map": {"": "cpu"}}
         # A 16-bit checkpoint too big for host memory (once per process here) is quantized as it is read.
         streamed = load_in_4bit and not prequantized and _loading.stream_quantize(config, compute_dtype)
         if streamed:
@@ -163,6 +168,11 @@ class FastLanguageModel:
             **placement, **_no_hub_kernels(kwargs), **kwargs,
         )  # fmt: skip
         _loftq.record_checkpoint(model, model_name, kwargs.get("revision"), token, prequantized)
+        if stream_from_host:
+            from loraforge.models.weight_streaming import stream_base_weights as stream
+
+            stream(model, device=device)  # the packed codes to pinned memory, the weights views into GPU slots
+            model.to(device)
         if not (prequantized or load_in_8bit or streamed):  # those: quantized and placed by transformers
             if load_in_4bit:
                 from loraforge.models.quantize_model import quantize_linears

@@ -132,8 +132,11 @@ def load(impl: str, folder: str, seq: int):
         # LORAFORGE_BENCH_DTYPE=float32: the same step in fp32 (a numerics reference for the bf16 rows' losses)
         dtype = getattr(torch, os.environ.get("LORAFORGE_BENCH_DTYPE", "bfloat16"))
         # LORAFORGE_STREAM_BASE_WEIGHTS=1: the NF4 bases streamed from host memory (the ~3 GiB they free can
-        # then buy speed: LORAFORGE_KEEP_LAST_LAYERS=N keeps N layers out of the checkpoint, no recompute)
+        # then buy speed: LORAFORGE_KEEP_LAST_LAYERS=N keeps N layers out of the checkpoint, no recompute);
+        # LORAFORGE_STREAM_LAYERS=N streams the first N decoder layers only
         stream = os.environ.get("LORAFORGE_STREAM_BASE_WEIGHTS", "0") == "1"
+        if os.environ.get("LORAFORGE_STREAM_LAYERS"):
+            stream = int(os.environ["LORAFORGE_STREAM_LAYERS"])
         model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=dtype,
                                                      stream_base_weights=stream)  # fmt: skip
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,

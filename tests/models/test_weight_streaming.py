@@ -80,6 +80,35 @@ def test_a_prequantized_checkpoint_streams_from_host_memory(model_dirs, tmp_path
     assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
 
 
+@pytest.mark.parametrize("streamed_layers", (3, 4))
+def test_streaming_the_first_layers_only(model_dirs, streamed_layers):
+    """stream_base_weights=N: the first N decoder layers streamed, the others resident; the same numbers, and
+    with an even N the last streamed layer prefetches the first while the resident ones run."""
+    plain, _ = load(model_dirs["gemma2"], False)
+    model, _ = load(model_dirs["gemma2"], streamed_layers)
+    streamer = weight_streaming.streamer_of(model)
+    assert len(streamer.layers) == streamed_layers
+    slots = {slot.buffer.untyped_storage().data_ptr() for slot in streamer.slots}
+    layers = weight_streaming.decoder_layers(model)
+    for index, layer in enumerate(layers):
+        in_slots = [packed_codes(layer_weight(m)).untyped_storage().data_ptr() in slots
+                    for m in layer.modules() if weight_streaming._streamable(m)]  # fmt: skip
+        assert in_slots == [index < streamed_layers] * 7
+    ids = torch.randint(0, 500, (2, 13))
+    for _ in range(2):
+        loss, grads = loss_and_grads(plain, ids)
+        loss_s, grads_s = loss_and_grads(model, ids)
+        assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
+    with torch.no_grad():
+        model(input_ids=ids)
+        before = streamer.copies
+        model(input_ids=ids)
+    if streamed_layers == 4:  # the last streamed layer prefetched the first: every copy ahead of its read
+        assert streamer.copies - before == 4 and [slot.holds for slot in streamer.slots] == [0, 3]
+    else:  # an odd count cannot wrap (layer 0 shares the last layer's slot): layer 1 is still in its slot
+        assert streamer.copies - before == 2 and [slot.holds for slot in streamer.slots] == [2, 1]
+
+
 def test_each_weight_is_a_view_into_its_layers_slot(model_dirs):
     model, _ = load(model_dirs["llama"], True, peft=False)
     streamer = weight_streaming.streamer_of(model)
@@ -187,8 +216,11 @@ def test_streaming_a_peft_model_streams_each_base_weight_once(model_dirs):
 
 
 def test_bad_input(model_dirs):
-    with pytest.raises(TypeError, match="stream_base_weights must be True or False"):
-        FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=True, stream_base_weights="yes")
+    for bad in ("yes", 0, -2, 1.5):
+        with pytest.raises(TypeError, match="stream_base_weights must be True, False or a number of layers"):
+            FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=True, stream_base_weights=bad)
+    with pytest.raises(ValueError, match=f"from 1 to the model's {LAYERS} decoder layers, got {LAYERS + 1}"):
+        FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=True, stream_base_weights=LAYERS + 1)
     with pytest.raises(NotImplementedError, match="needs load_in_4bit=True"):
         FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=False, stream_base_weights=True)
     sixteen_bit, _ = FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=False, dtype=torch.float32)

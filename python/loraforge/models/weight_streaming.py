@@ -68,8 +68,11 @@ class _EnsureLayer:
 class WeightStreamer:
     """The host buffers, the two slots and the copy schedule of one model's streamed layers."""
 
-    def __init__(self, layers: list[torch.nn.Module], device: torch.device | str | None = None):
+    def __init__(self, layers: list[torch.nn.Module], device: torch.device | str | None = None, wrap: bool = False):
         self.layers = layers
+        # When decoder layers that stay resident follow the streamed ones, the last streamed layer prefetches
+        # the first (the next pass's first read) while those run.
+        self.wrap = wrap
         self.linears = [[m for m in layer.modules() if _streamable(m)] for layer in layers]
         if not any(self.linears):
             raise ValueError("stream_base_weights needs NF4 (load_in_4bit=True) base weights in the decoder layers; "
@@ -138,9 +141,11 @@ class WeightStreamer:
         if stream is not None:
             stream.wait_event(slot.filled)
         following = index + self.direction
+        if following == len(self.layers) and self.wrap:
+            following = 0
         if 0 <= following < len(self.layers) and self.linears[following]:
             other = self.slots[following % 2]
-            if other.holds != following:
+            if other is not slot and other.holds != following:  # (never the slot being read: odd counts wrap onto it)
                 self._fill(other, following, stream)
 
     def _fill(self, slot: _Slot, index: int, stream) -> None:
@@ -240,11 +245,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return _checkpointed_layers(model)
 
 
-def stream_base_weights(model: torch.nn.Module, device: torch.device | str | None = None) -> WeightStreamer:
+def stream_base_weights(model: torch.nn.Module, device: torch.device | str | None = None,
+                        layers: int | None = None) -> WeightStreamer:  # fmt: skip
     """Keep `model`'s NF4 base weights in pinned host memory and stream them to the GPU a decoder layer at a
     time (see the module docstring). Returns the streamer, which the model also keeps
     (`model._loraforge_weight_streamer`). Undo with `unstream_base_weights(model)`. `device`: the GPU the
-    slots go on, where the packed codes are still in host memory (default: where they are)."""
+    slots go on, where the packed codes are still in host memory (default: where they are). `layers`: stream
+    only the first this many decoder layers, the others stay on the GPU (default: all): fewer copies, for
+    the memory that is there (each resident layer adds its bytes, an 8B model's ~105 MB)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     existing = streamer_of(model)
@@ -254,11 +262,17 @@ def stream_base_weights(model: torch.nn.Module, device: torch.device | str | Non
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise NotImplementedError("stream_base_weights with torch.distributed (DDP/FSDP2) is not supported")
-    layers = decoder_layers(model)
-    if not layers:
+    decoder = decoder_layers(model)
+    if not decoder:
         raise ValueError("stream_base_weights found no decoder layers in this model (transformers' "
                          "GradientCheckpointingLayer modules)")  # fmt: skip
-    streamer = WeightStreamer(layers, device)
+    if layers is not None and (
+        isinstance(layers, bool) or not isinstance(layers, int) or not 0 < layers <= len(decoder)
+    ):
+        raise ValueError(f"the number of streamed layers (stream_base_weights=N) must be an int from 1 to the model's "
+                         f"{len(decoder)} decoder layers, got {layers!r}")  # fmt: skip
+    count = len(decoder) if layers is None else layers
+    streamer = WeightStreamer(decoder[:count], device, wrap=count < len(decoder))
     model.__dict__["_loraforge_weight_streamer"] = streamer
     guard_merges(model)
     return streamer

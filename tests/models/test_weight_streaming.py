@@ -252,14 +252,15 @@ def test_peft_merge_is_refused_until_unstreamed(model_dirs, stream_at_load):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_cuda_training_and_graph_decoding_equal_the_unstreamed_model(tmp_path, dtype):
+@pytest.mark.parametrize("stream", (True, 4))  # all 6 layers, or the first 4 (the wrap-around prefetch)
+def test_cuda_training_and_graph_decoding_equal_the_unstreamed_model(tmp_path, dtype, stream):
     from loraforge import fast_generate
     from loraforge.generation import decode
 
     path = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=3, hidden_size=512, intermediate_size=1536,
                                    num_hidden_layers=6)  # fmt: skip
     plain, tokenizer = load(path, False, dtype=dtype)
-    streamed, _ = load(path, True, dtype=dtype)
+    streamed, _ = load(path, stream, dtype=dtype)
     ids = torch.randint(0, 500, (2, 300), device="cuda")
     for _ in range(2):
         loss, grads = loss_and_grads(plain, ids)

@@ -141,8 +141,12 @@ class WeightStreamer:
         if stream is not None:
             stream.wait_event(slot.filled)
         following = index + self.direction
-        if following == len(self.layers) and self.wrap:
-            following = 0
+        if (
+            following == len(self.layers)
+            and self.wrap
+            and not (stream is not None and torch.cuda.is_current_stream_capturing())
+        ):
+            following = 0  # (not into a CUDA graph: a copy the captured step does not wait for fails the capture)
         if 0 <= following < len(self.layers) and self.linears[following]:
             other = self.slots[following % 2]
             if other is not slot and other.holds != following:  # (never the slot being read: odd counts wrap onto it)

@@ -209,6 +209,8 @@ def test_streaming_a_peft_model_streams_each_base_weight_once(model_dirs):
     streamer = weight_streaming.stream_base_weights(model)
     assert [len(group) for group in streamer.linears] == [7] * LAYERS
     assert weight_streaming.stream_base_weights(model) is streamer  # a second call changes nothing
+    with pytest.raises(ValueError, match="streams 5 layers already"):
+        weight_streaming.stream_base_weights(model, layers=2)
     ids = torch.randint(0, 500, (2, 11))
     loss, grads = loss_and_grads(plain, ids)
     loss_s, grads_s = loss_and_grads(model, ids)

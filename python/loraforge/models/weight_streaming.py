@@ -261,6 +261,9 @@ def stream_base_weights(model: torch.nn.Module, device: torch.device | str | Non
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     existing = streamer_of(model)
     if existing is not None:
+        if layers is not None and layers != len(existing.layers):
+            raise ValueError(f"this model streams {len(existing.layers)} layers already; call "
+                             "unstream_base_weights(model) before streaming another number")  # fmt: skip
         return existing
     import torch.distributed as dist
 

@@ -225,6 +225,9 @@ def test_bad_input(model_dirs):
         FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=True, stream_base_weights=LAYERS + 1)
     with pytest.raises(NotImplementedError, match="needs load_in_4bit=True"):
         FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=False, stream_base_weights=True)
+    with pytest.raises(NotImplementedError, match="a device_map over several devices"):
+        FastLanguageModel.from_pretrained(model_dirs["llama"], stream_base_weights=True,
+                                          device_map={"model.layers.0": "cpu", "lm_head": "cuda:0"})  # fmt: skip
     sixteen_bit, _ = FastLanguageModel.from_pretrained(model_dirs["llama"], load_in_4bit=False, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs NF4"):
         weight_streaming.stream_base_weights(sixteen_bit)

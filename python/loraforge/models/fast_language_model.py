@@ -140,6 +140,9 @@ class FastLanguageModel:
         stream_layers = None if isinstance(stream_base_weights, bool) else stream_base_weights
         if stream_base_weights and not load_in_4bit:
             raise NotImplementedError("stream_base_weights streams NF4 base weights: it needs load_in_4bit=True")
+        if stream_base_weights and isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+            raise NotImplementedError("stream_base_weights streams to one GPU; a device_map over several devices "
+                                      f"is not supported (got {device_map!r})")  # fmt: skip
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         compute_dtype = _pick_dtype(dtype)

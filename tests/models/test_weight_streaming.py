@@ -238,7 +238,7 @@ def test_bad_input(model_dirs):
 
 
 @pytest.mark.parametrize("stream_at_load", (True, False))
-def test_peft_merge_is_refused_until_unstreamed(model_dirs, stream_at_load):
+def test_peft_merge_and_moves_are_refused_until_unstreamed(model_dirs, stream_at_load):
     import loraforge
 
     model, _ = load(model_dirs["llama"], stream_at_load)
@@ -246,6 +246,14 @@ def test_peft_merge_is_refused_until_unstreamed(model_dirs, stream_at_load):
         loraforge.stream_base_weights(model)
     with pytest.raises(NotImplementedError, match="unstream_base_weights"):
         model.merge_adapter()
+    ids = torch.randint(0, 500, (1, 7))
+    loss, _ = loss_and_grads(model, ids)
+    with pytest.raises(NotImplementedError, match="to another device is not supported"):
+        model.to("meta")  # the slots' bytes would go, whichever layer they hold
+    with pytest.raises(NotImplementedError, match="to another device is not supported"):
+        weight_streaming.decoder_layers(model)[1].to("meta")
+    model.to(torch.float32)  # a dtype change (a no-op for the packed codes) or the same device is fine
+    assert torch.equal(loss_and_grads(model, ids)[0], loss)  # nothing moved
     loraforge.unstream_base_weights(model)
     model.merge_adapter()  # PEFT's own merge again (re-quantizing the merged weights: lossy, PEFT's matter)
     assert all(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "base_layer"))

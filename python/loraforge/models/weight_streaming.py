@@ -35,6 +35,8 @@ tokens took 83.8 s at a 4.03 GiB peak, against 170.2 s at 9.73 GiB for TRL + PEF
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from loraforge._native import stream_handle
@@ -118,6 +120,7 @@ class WeightStreamer:
             module.__dict__.pop("_loraforge_dequant", None)  # its cached addresses are the old tensor's
             self.hooks.append(module.register_forward_pre_hook(_ensure_before_forward))
             self.hooks.append(module._register_state_dict_hook(_state_dict_from_host))
+            module.__dict__["_apply"] = functools.partial(_apply_on_the_same_device, module, self)
 
     def ensure(self, index: int) -> None:
         """Make layer `index`'s weights readable, in stream order, by the next work on the current stream."""
@@ -187,6 +190,7 @@ class WeightStreamer:
                     weight.data = resident
                 module.__dict__.pop("_loraforge_stream", None)
                 module.__dict__.pop("_loraforge_dequant", None)
+                module.__dict__.pop("_apply", None)
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.current = [], None
@@ -201,6 +205,18 @@ def _streamable(module: torch.nn.Module) -> bool:
         return False
     packed = packed_codes(layer_weight(module))
     return packed.dtype == torch.uint8 and packed.is_contiguous()
+
+
+def _apply_on_the_same_device(module: torch.nn.Module, streamer: WeightStreamer, fn, recurse: bool = True):
+    """nn.Module._apply of a streamed model and of its streamed Linear4bit modules (module.to / .cuda / .cpu /
+    .half reach it): a move to another device would copy the slots' bytes, whichever layers they hold, so
+    it is refused before anything moves (the model's own _apply checks first); a dtype change, or a move to
+    where the weights already are, goes ahead."""
+    device = streamer.slots[0].buffer.device
+    if fn(torch.empty(0, device=device)).device != device:
+        raise NotImplementedError("moving streamed base weights (stream_base_weights) to another device is not "
+                                  "supported: call loraforge.unstream_base_weights(model) first")  # fmt: skip
+    return type(module)._apply(module, fn, recurse)
 
 
 def _ensure_before_forward(module, args) -> None:
@@ -281,6 +297,7 @@ def stream_base_weights(model: torch.nn.Module, device: torch.device | str | Non
     count = len(decoder) if layers is None else layers
     streamer = WeightStreamer(decoder[:count], device, wrap=count < len(decoder))
     model.__dict__["_loraforge_weight_streamer"] = streamer
+    model.__dict__["_apply"] = functools.partial(_apply_on_the_same_device, model, streamer)
     guard_merges(model)
     return streamer
 
@@ -291,6 +308,7 @@ def unstream_base_weights(model: torch.nn.Module) -> None:
     for module in (model, *model.modules()):
         streamer = module.__dict__.pop("_loraforge_weight_streamer", None)
         if streamer is not None:
+            module.__dict__.pop("_apply", None)
             streamer.unstream()
             _allow_merges(model)
             return

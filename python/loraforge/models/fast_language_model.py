@@ -115,8 +115,8 @@ class FastLanguageModel:
 
         stream_base_weights: keep the NF4 base weights of the decoder layers in pinned host memory and
         copy them to the GPU a layer at a time as they are used (models/weight_streaming.py): the GPU
-        holds two layers' instead of all (an 8B model: ~0.2 instead of 3.4 GiB). Training steps hide most
-        of the copying behind compute; generation becomes bound by it. Needs load_in_4bit. An int N
+        holds two layers' instead of all (an 8B model: ~0.2 instead of 3.4 GiB). Generation becomes bound
+        by the copies; training steps overlap them with compute. Needs load_in_4bit. An int N
         streams the first N decoder layers only; the others stay on the GPU."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -27,7 +27,7 @@ The fills write the slot through its own tensor, so the views' version counters 
 is what tells fast_generate that a weight changed, and a streamed weight never does.
 
 Cost: each layer's packed bytes cross PCIe once per forward and once per backward (an 8B layer is 105 MB).
-Training steps hide that behind a layer's compute; a decode step cannot (its compute is well under a
+Training steps overlap that with a layer's compute; a decode step cannot (its compute is well under a
 millisecond a layer), so generation becomes bound by the copies. Measured on an H100 (bench_grpo.py,
 2026-12-07): 71 ms a decode step of the 8B model, i.e. 32 x 105 MB at ~47 GB/s; a GRPO step at 8 x 1,024
 tokens took 83.8 s at a 4.03 GiB peak, against 170.2 s at 9.73 GiB for TRL + PEFT + bitsandbytes.

@@ -141,6 +141,28 @@ def test_reads_in_any_layer_order_give_each_layers_weights(model_dirs):
         assert torch.equal(modules[i](x), reference), i
 
 
+def test_reads_under_torch_compile_ensure_at_every_call(model_dirs):
+    """Under torch.compile the layer check runs outside the graphs, at every call (not traced into a graph
+    guarded on the streamer's state, recompiled as that changes): each call gets its layers' own weights and
+    no call after the first compiles anything."""
+    from torch._dynamo.utils import counters
+
+    plain, _ = load(model_dirs["llama"], False, peft=False)
+    streamed, _ = load(model_dirs["llama"], True, peft=False)
+    expected = [dense_weight(m, torch.float32) for m in linear4bit_modules(plain)]
+    modules = linear4bit_modules(streamed)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: (dense_weight(a, torch.float32) * 1, dense_weight(b, torch.float32) * 1),
+                             backend="eager")  # fmt: skip
+    graphs = None
+    for first, second in ((0, 14), (21, 7), (0, 14), (28, 3), (7, 21), (14, 0)):  # layers 0/2, 3/1, 0/2, 4/0, ...
+        got = compiled(modules[first], modules[second])
+        assert torch.equal(got[0], expected[first]) and torch.equal(got[1], expected[second])
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_forward_copies_each_layer_once(model_dirs):
     model, _ = load(model_dirs["llama"], True)
     streamer = weight_streaming.streamer_of(model)

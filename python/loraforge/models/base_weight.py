@@ -178,7 +178,15 @@ def _ensure_streamed(layer: torch.nn.Module) -> None:
     bytes are in its slot, in stream order."""
     ensure = layer.__dict__.get("_loraforge_stream")
     if ensure is not None:
-        ensure()
+        if torch.compiler.is_compiling():  # run at every call, between the compiled graphs, not traced once
+            _ensure_outside_graph(ensure)
+        else:
+            ensure()
+
+
+@torch.compiler.disable
+def _ensure_outside_graph(ensure) -> None:
+    ensure()
 
 
 def _kernel_writes(out: torch.Tensor) -> bool:

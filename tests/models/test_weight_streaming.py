@@ -445,3 +445,19 @@ def test_layers_kept_out_of_the_checkpoint_read_their_weights_again_in_backward(
     loss, grads = loss_and_grads(plain, ids)
     loss_s, grads_s = loss_and_grads(streamed, ids)
     assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
+
+
+def test_peft_unfused_path_reads_through_the_forward_hook(model_dirs):
+    """lora_dropout > 0 sends projections through PEFT's own forward and bitsandbytes' matmul (not our fused
+    path): the forward pre-hook brings each layer's weights first. Same seed, same dropout masks."""
+    results = []
+    for stream in (False, True):
+        model, _ = FastLanguageModel.from_pretrained(model_dirs["llama"], dtype=torch.float32, load_in_4bit=True,
+                                                     stream_base_weights=stream)  # fmt: skip
+        with pytest.warns(UserWarning, match="unfused path"):
+            model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.1, random_state=0)
+        torch.manual_seed(5)
+        results.append(loss_and_grads(model, torch.arange(40, 66).reshape(2, 13)))
+    (loss, grads), (loss_s, grads_s) = results
+    assert torch.equal(loss, loss_s) and grads.keys() == grads_s.keys()
+    assert all(torch.equal(grads[k], grads_s[k]) for k in grads)

@@ -138,6 +138,8 @@ class FastLanguageModel:
             raise TypeError(f"stream_base_weights must be True, False or a number of layers >= 1, "
                             f"got {stream_base_weights!r}")  # fmt: skip
         stream_layers = None if isinstance(stream_base_weights, bool) else stream_base_weights
+        if stream_base_weights:
+            from loraforge.models.weight_streaming import stream_base_weights as stream
         if stream_base_weights and not load_in_4bit:
             raise NotImplementedError("stream_base_weights streams NF4 base weights: it needs load_in_4bit=True")
         if stream_base_weights and isinstance(device_map, dict) and len(set(device_map.values())) > 1:
@@ -182,8 +184,6 @@ class FastLanguageModel:
         )  # fmt: skip
         _loftq.record_checkpoint(model, model_name, kwargs.get("revision"), token, prequantized)
         if stream_from_host:
-            from loraforge.models.weight_streaming import stream_base_weights as stream
-
             stream(model, device=device, layers=stream_layers)  # codes to pinned memory, weights views into slots
             model.to(device)
         if not (prequantized or load_in_8bit or streamed):  # those: quantized and placed by transformers
@@ -195,8 +195,6 @@ class FastLanguageModel:
                 quantize_linears(model, compute_dtype, device=device,
                                  packed_device="cpu" if stream_base_weights else None)  # fmt: skip
                 if stream_base_weights:
-                    from loraforge.models.weight_streaming import stream_base_weights as stream
-
                     stream(model, device=device, layers=stream_layers)  # before model.to: views into GPU slots
             model.to(device)
             if load_in_4bit:
@@ -207,8 +205,6 @@ class FastLanguageModel:
         for param in model.parameters():
             param.requires_grad_(full_finetuning)
         if stream_base_weights:  # (a no-op where the load above streamed already)
-            from loraforge.models.weight_streaming import stream_base_weights as stream
-
             stream(model, layers=stream_layers)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
         if fix_tokenizer and tokenizer.pad_token is None:

@@ -56,12 +56,13 @@ class _Slot:
 
 
 class _EnsureLayer:
-    """Stored on each streamed Linear4bit (`_loraforge_stream`): `ensure` of its layer, as a call."""
+    """Stored on each streamed Linear4bit (`_loraforge_stream`): `ensure` of its layer, as a call, and where
+    its bytes lie in that layer's host buffer and slot (`offset`)."""
 
-    __slots__ = ("index", "streamer")
+    __slots__ = ("index", "offset", "streamer")
 
-    def __init__(self, streamer: WeightStreamer, index: int):
-        self.streamer, self.index = streamer, index
+    def __init__(self, streamer: WeightStreamer, index: int, offset: int):
+        self.streamer, self.index, self.offset = streamer, index, offset
 
     def __call__(self) -> None:
         self.streamer.ensure(self.index)
@@ -116,7 +117,7 @@ class WeightStreamer:
             view.set_(slot.untyped_storage(), offset, packed.shape, packed.stride())
             with torch._C.DisableTorchFunctionSubclass():
                 weight.data = view
-            module.__dict__["_loraforge_stream"] = _EnsureLayer(self, index)
+            module.__dict__["_loraforge_stream"] = _EnsureLayer(self, index, offset)
             module.__dict__.pop("_loraforge_dequant", None)  # its cached addresses are the old tensor's
             self.hooks.append(module.register_forward_pre_hook(_ensure_before_forward))
             self.hooks.append(module._register_state_dict_hook(_state_dict_from_host))
@@ -171,12 +172,12 @@ class WeightStreamer:
 
     def host_weight(self, module: torch.nn.Module) -> torch.Tensor:
         """The packed bytes of a streamed Linear4bit, as they are kept in host memory (shaped as the weight)."""
-        for index, group in enumerate(self.linears):
-            for other, offset in zip(group, self.offsets[index]):
-                if other is module:
-                    packed = packed_codes(layer_weight(module))
-                    return self.host[index][offset : offset + packed.numel()].view(packed.dtype).view(packed.shape)
-        raise KeyError("not a streamed layer of this model")
+        place = module.__dict__.get("_loraforge_stream")
+        if place is None or place.streamer is not self:
+            raise KeyError("not a streamed layer of this model")
+        packed = packed_codes(layer_weight(module))
+        raw = self.host[place.index][place.offset : place.offset + packed.numel()]
+        return raw.view(packed.dtype).view(packed.shape)
 
     def unstream(self) -> None:
         """Give every weight its own device tensor again (the memory of all layers at once)."""

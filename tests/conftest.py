@@ -22,8 +22,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed():
-    """A fresh seed per test run (printed on failure), so inputs differ between runs."""
-    value = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed per test run (printed on failure), so inputs differ between runs; LORAFORGE_TEST_SEED
+    replays a failure's seed."""
+    value = int(os.environ.get("LORAFORGE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(value)
     print(f"seed = {value}")
     return value

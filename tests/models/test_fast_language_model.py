@@ -92,8 +92,10 @@ def test_training_follows_the_same_loss_curve(saved_models, seed):
     curves = []
     for model in (ours, plain):
         # eps=1e-6: Adam's first steps turn near-zero gradients into full-size updates, which would
-        # amplify float-rounding differences between two correct implementations into noise.
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-6)
+        # amplify float-rounding differences between two correct implementations into noise. lr=1e-3: at
+        # 3e-3 some seeds (3530478755) drove the loss into oscillation near step 26, where the two curves,
+        # within 7e-5 until then, parted by 0.07; at 1e-3 the worst of 9 seeds differed by 2.6e-5.
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-6)
         losses = []
         for _ in range(30):
             loss = model(**batch, labels=batch["input_ids"]).loss

@@ -150,11 +150,14 @@ def _assert_as_precise(chunked, unchunked, exact, name):
     some roundings, follows the row count), so their errors are alike; which of the two has the larger
     *single* worst element in a few hundred is luck: over 150 seeds the ratio of the maxima had its 99th
     percentile at 1.26 and its worst at 1.62, and one CI seed (2006633239) gave 2.2 on a 64 x 4 gradient
-    whose means were 0.0044 and 0.0043. So the maximum is held to three times the unchunked one's."""
+    whose means were 0.0044 and 0.0043. So the maximum is held to three times the unchunked one's, or
+    to two bf16 ulps of the gradient's largest entry (2**-6 of it), whichever is larger: seed 3100500589
+    gave down.A (4 x 64, largest entry 26.8) a worst element of 0.343 against the unchunked 0.113 (3.0x),
+    with mean errors 0.030 and 0.024."""
     ours, theirs = abs_error(chunked, exact), abs_error(unchunked, exact)
     scale = exact.abs().max().item()
     assert ours.mean().item() <= 2 * max(theirs.mean().item(), 2**-10 * exact.abs().mean().item()), name
-    assert ours.max().item() <= 3 * max(theirs.max().item(), 2**-8 * scale), name
+    assert ours.max().item() <= max(3 * theirs.max().item(), 2**-6 * scale), name
 
 
 def test_chunk_rows_threshold():

@@ -63,6 +63,80 @@ float time_variant(const std::vector<Inputs>& sets, long long n, __nv_bfloat16**
   return ms * 1000.0f / reps;
 }
 
+// Wide loads: each thread loads kWords 32-bit words of packed bytes at once (8 or 16 bytes: 16 or 32
+// elements, one quantization block's absmax for blocksize >= 32) and stores kWords 16-byte chunks,
+// either straight (each store instruction strided by kWords x 16 bytes across the warp) or staged
+// through shared memory so that every warp store is 512 contiguous bytes. bf16, nested absmax only.
+template <int Threads, int kWords, bool Staged>
+__global__ void __launch_bounds__(Threads)
+    wide_dequantize_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
+                           BlockShifts shifts, __nv_bfloat16* __restrict__ out) {
+  __shared__ float levels[16];
+  __shared__ float code2[256];
+  __shared__ uint4 stage[Staged ? Threads * kWords : 1];
+  const long long groups = n / (8 * kWords);  // thread-groups of kWords chunks; n is a multiple here
+  const long long g = static_cast<long long>(blockIdx.x) * Threads + threadIdx.x;
+  unsigned int words[kWords];
+  float scale2 = 0.0f;
+  unsigned char q = 0;
+  if (g < groups) {
+    if constexpr (kWords == 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(packed) + g);
+      words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
+    } else {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(packed) + g);
+      words[0] = v.x; words[1] = v.y;
+    }
+    const long long block = (g * 8 * kWords) >> shifts.block_shift;
+    q = __ldg(source.qabsmax + block);
+    scale2 = __ldg(source.absmax2 + (block >> shifts.block2_shift));
+  }
+  const float offset = __ldg(source.offset);
+  load_tables(source, levels, code2);
+  const float scale = __fadd_rn(__fmul_rn(code2[q], scale2), offset);
+  if constexpr (!Staged) {
+    if (g < groups) {
+#pragma unroll
+      for (int k = 0; k < kWords; ++k)
+        reinterpret_cast<uint4*>(out)[g * kWords + k] = dequantize_chunk<__nv_bfloat16>(words[k], levels, scale);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kWords; ++k)
+      stage[threadIdx.x * kWords + k] = dequantize_chunk<__nv_bfloat16>(words[k], levels, scale);
+    __syncthreads();
+    const long long first = static_cast<long long>(blockIdx.x) * Threads * kWords;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) {
+      const long long chunk = first + k * Threads + threadIdx.x;
+      if (chunk < groups * kWords) reinterpret_cast<uint4*>(out)[chunk] = stage[k * Threads + threadIdx.x];
+    }
+  }
+}
+
+template <int Threads, int kWords, bool Staged>
+float time_wide(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
+  const long long groups = n / (8 * kWords);
+  const unsigned int grid = (unsigned int)((groups + Threads - 1) / Threads);
+  const BlockShifts shifts{6, 8};
+  auto launch = [&](int i) {
+    const Inputs& in = sets[i % kSets];
+    wide_dequantize_kernel<Threads, kWords, Staged><<<grid, Threads>>>(in.packed, in.source, n, shifts, outs[i % kSets]);
+  };
+  for (int i = 0; i < 6; ++i) launch(i);
+  CHECK(cudaGetLastError());
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  CHECK(cudaEventRecord(start));
+  for (int i = 0; i < reps; ++i) launch(i);
+  CHECK(cudaEventRecord(stop));
+  CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  return ms * 1000.0f / reps;
+}
+
 int main() {
   const long long shapes[][2] = {{14336, 4096}, {4096, 4096}, {128256, 4096}};
   // Copy ceiling: 2 GiB device-to-device, bytes read + written.
@@ -157,6 +231,13 @@ int main() {
     report("threads 256 unroll 8 stcs", time_variant<256, 8, true>(sets, n, outs, reps));
     report("threads 512 unroll 4 stcs", time_variant<512, 4, true>(sets, n, outs, reps));
     report("threads 256 unroll 4 (again)", time_variant<256, 4, false>(sets, n, outs, reps));
+    report("wide 16B loads 256", time_wide<256, 4, false>(sets, n, outs, reps));
+    report("wide 16B loads 128", time_wide<128, 4, false>(sets, n, outs, reps));
+    report("wide 16B staged 256", time_wide<256, 4, true>(sets, n, outs, reps));
+    report("wide 16B staged 128", time_wide<128, 4, true>(sets, n, outs, reps));
+    report("wide 8B loads 256", time_wide<256, 2, false>(sets, n, outs, reps));
+    report("wide 8B staged 256", time_wide<256, 2, true>(sets, n, outs, reps));
+    report("threads 256 unroll 2 (again)", time_variant<256, 2, false>(sets, n, outs, reps));
     for (int s = 0; s < kSets; ++s) {
       cudaFree(sets[s].packed);
       cudaFree(sets[s].qabsmax);

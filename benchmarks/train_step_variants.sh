@@ -23,7 +23,7 @@ export LORAFORGE_COMMIT="${LORAFORGE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/
 TESTS=${LORAFORGE_GPU_TEST_FILES:-"tests/models/test_kept_attention.py tests/models/test_layer_split.py tests/models/test_fast_language_model.py tests/train/test_offloaded_checkpointing.py"}
 echo "== GPU tests ($SECONDS s)"
 # shellcheck disable=SC2086
-timeout 240 python3 -m pytest -q -rf -m gpu -p no:cacheprovider $TESTS 2>&1 | grep -E "^E  |passed|failed|FAILED" | head -40
+timeout "${LORAFORGE_GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -rf -m gpu -p no:cacheprovider $TESTS 2>&1 | grep -E "^E  |passed|failed|FAILED" | head -40
 wait "$WRITER" || { echo "writing the checkpoint failed:"; tail -20 "$OUT/checkpoint.log"; exit 1; }
 
 bench() {  # bench <settings> <timeout> <bench_train_step arguments...>

@@ -44,6 +44,7 @@ import torch
 
 from loraforge.generation.sampling import choose_tokens
 from loraforge.generation.settings import DecodeSettings
+from loraforge.models.weight_streaming import streamer_of
 
 CACHE_ROUNDING = 64  # cache slots are a multiple of this, so calls with nearby prompt lengths share a graph
 WARMUP_STEPS = 2  # eager steps on a side stream before capture
@@ -150,6 +151,8 @@ class DecodeSession:
         self.key: tuple | None = None
         self.held: list[torch.Tensor] = []  # see cached_tensors
         self.model = weakref.ref(causal_lm)  # the graph does not need the model; the session must not keep it
+        streamer = streamer_of(causal_lm)  # base weights streamed from host memory: replays copy behind its back
+        self.streamer = weakref.ref(streamer) if streamer is not None else None
 
     # -- one forward and the token choice ------------------------------------------------------------
 
@@ -219,6 +222,9 @@ class DecodeSession:
             else:
                 self._step()
                 STATS["eager_steps"] += 1
+        streamer = self.streamer() if self.streamer is not None else None
+        if streamer is not None and self.graph is not None:
+            streamer.forget_slots()  # the capture recorded copies that did not run; the replays ran them
 
     def _warm_up_and_capture(self) -> int:
         """WARMUP_STEPS real steps on a side stream, then one step captured (not run). Returns the steps run."""

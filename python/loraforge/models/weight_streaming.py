@@ -156,6 +156,16 @@ class WeightStreamer:
             if other is not slot and other.holds != following:  # (never the slot being read: odd counts wrap onto it)
                 self._fill(other, following, stream)
 
+    def forget_slots(self) -> None:
+        """The slots' contents are no longer what the schedule last recorded: a CUDA graph's captured copies
+        ran (fast_generate's replays), which `ensure` does not see. A replay leaves the slots as the captured
+        step's copies did, which is not where an eager pass leaves them when that pass ends with the
+        wrap-around prefetch (partial streaming) or stops early; so the next `ensure` refills rather than
+        trusting either. Costs at most two layer copies per generation."""
+        self.current = None
+        for slot in self.slots:
+            slot.holds = None
+
     def _fill(self, slot: _Slot, index: int, stream) -> None:
         """Copy layer `index` into `slot` after everything queued on `stream` so far."""
         slot.holds = index

@@ -34,7 +34,7 @@ bench() {  # bench <settings> <timeout> <bench_train_step arguments...>
     | tee -a "$OUT/bench.log" | grep -v -i "warn" | grep "tok/s\|failed\|Error\|error" \
     | grep -v "^loraforge {\|^unsloth {" | cut -c1-330 | tail -6
 }
-bench "" 300 --impls unsloth,loraforge
+bench "" 300 --impls "${LORAFORGE_DEFAULT_IMPLS:-unsloth,loraforge}"  # (unsloth alone: the anchor, when time is short)
 for settings in "$@"; do
   bench "$settings" 120 --impls loraforge
 done

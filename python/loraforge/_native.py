@@ -79,6 +79,21 @@ def stream_handle(device: torch.device) -> int:
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
+_STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
+
+
+def current_stream(device: torch.device) -> torch.cuda.Stream:
+    """torch.cuda.current_stream(device), without building a new Stream object at each call (~10 us of
+    host time, three times a layer a step): the current stream's raw handle is read (~0.3 us) and the
+    Stream object made for it the first time is reused. A Stream object holds no resource: it names a
+    stream by its handle, so one made earlier for the same handle is the same stream."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, stream_handle(device))
+    stream = _STREAM_OBJECTS.get(key)
+    if stream is None:
+        stream = _STREAM_OBJECTS[key] = torch.cuda.current_stream(index)
+    return stream
+
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraforge import _native
 from loraforge.train import offloaded_checkpointing as oc
 
 
@@ -87,21 +88,21 @@ def test_offloaded_layer_inputs_leave_the_gpu(seed):
 
 
 def test_current_stream_objects_follow_the_current_stream(monkeypatch):
-    """_current_stream keeps one Stream object per (device, raw stream handle): the same object while
+    """_native.current_stream keeps one Stream object per (device, raw stream handle): the same object while
     that stream is current, another as soon as another stream is made current (torch.cuda.stream(...)),
     or for another device. The CUDA calls are stood in for, so this runs without a GPU."""
     current = {"handle": 11}
-    monkeypatch.setattr(oc, "stream_handle", lambda device: current["handle"])
-    monkeypatch.setattr(oc, "_STREAM_OBJECTS", {})
+    monkeypatch.setattr(_native, "stream_handle", lambda device: current["handle"])
+    monkeypatch.setattr(_native, "_STREAM_OBJECTS", {})
     monkeypatch.setattr(torch.cuda, "current_stream", lambda index: (index, current["handle"], object()))
-    first = oc._current_stream(torch.device("cuda", 0))
-    assert first[:2] == (0, 11) and oc._current_stream(torch.device("cuda", 0)) is first
+    first = _native.current_stream(torch.device("cuda", 0))
+    assert first[:2] == (0, 11) and _native.current_stream(torch.device("cuda", 0)) is first
     current["handle"] = 12  # another stream made current
-    second = oc._current_stream(torch.device("cuda", 0))
+    second = _native.current_stream(torch.device("cuda", 0))
     assert second[:2] == (0, 12)
     current["handle"] = 11
-    assert oc._current_stream(torch.device("cuda", 0)) is first
-    assert oc._current_stream(torch.device("cuda", 1))[:2] == (1, 11)  # the same handle on another device
+    assert _native.current_stream(torch.device("cuda", 0)) is first
+    assert _native.current_stream(torch.device("cuda", 1))[:2] == (1, 11)  # the same handle on another device
 
 
 class _FakeEvent:

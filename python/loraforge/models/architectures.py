@@ -81,3 +81,14 @@ def activation_of(config, default: str) -> str:
     name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     return {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
             "gelu": "gelu"}.get(name, None) if name else default  # fmt: skip
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of `model` in order: the modules transformers checkpoints one by one
+    (GradientCheckpointingLayer; not the model, which holds a _gradient_checkpointing_func too). Empty
+    with a transformers before 4.52, which has no such class."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]

@@ -39,9 +39,9 @@ import functools
 
 import torch
 
-from loraforge._native import stream_handle
+from loraforge._native import current_stream, stream_handle
+from loraforge.models.architectures import decoder_layers
 from loraforge.models.base_weight import _quant_state, layer_weight, packed_codes
-from loraforge.train.offloaded_checkpointing import _current_stream
 
 _ALIGN = 256  # bytes: each weight's offset in a slot, so the kernels' 16-byte vector reads stay aligned
 
@@ -138,7 +138,7 @@ class WeightStreamer:
             elif index != previous:  # a new pass: the first layer goes forward, the last backward
                 self.direction = 1 if 2 * index < len(self.layers) else -1
         self.current = (index, handle)
-        stream = _current_stream(self.device) if handle is not None else None
+        stream = current_stream(self.device) if handle is not None else None
         slot = self.slots[index % 2]
         if slot.holds != index:
             self._fill(slot, index, stream)
@@ -267,13 +267,6 @@ def _allow_merges(model: torch.nn.Module) -> None:
             del module.__dict__["merge"]
         if module.__dict__.get("unmerge") is _refuse_merge:
             del module.__dict__["unmerge"]
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers in order (the modules transformers checkpoints one by one)."""
-    from loraforge.train.offloaded_checkpointing import _checkpointed_layers
-
-    return _checkpointed_layers(model)
 
 
 def stream_base_weights(model: torch.nn.Module, device: torch.device | str | None = None,

@@ -41,7 +41,7 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from loraforge._native import stream_handle
+from loraforge._native import current_stream
 from loraforge.train import layer_split
 
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
@@ -58,20 +58,6 @@ MAX_IN_FLIGHT = int(os.environ.get("LORAFORGE_OFFLOAD_IN_FLIGHT", "4") or 4)
 # were issued a layer or more earlier, so the wait is short. LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT=0 turns it off.
 DRAIN_BEFORE_KEPT = os.environ.get("LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT", "1") != "0"
 
-_STREAM_OBJECTS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> Stream
-
-
-def _current_stream(device: torch.device) -> torch.cuda.Stream:
-    """torch.cuda.current_stream(device), without building a new Stream object at each call (~10 us of
-    host time, three times a layer a step): the current stream's raw handle is read (~0.3 us) and the
-    Stream object made for it the first time is reused. A Stream object holds no resource: it names a
-    stream by its handle, so one made earlier for the same handle is the same stream."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, stream_handle(device))
-    stream = _STREAM_OBJECTS.get(key)
-    if stream is None:
-        stream = _STREAM_OBJECTS[key] = torch.cuda.current_stream(index)
-    return stream
 
 
 class _Offloaded:
@@ -80,7 +66,7 @@ class _Offloaded:
     def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
         self.device = tensor.device
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
-        side.wait_stream(_current_stream(tensor.device))
+        side.wait_stream(current_stream(tensor.device))
         with torch.cuda.stream(side):
             self.host.copy_(tensor, non_blocking=True)
             self.done = torch.cuda.Event()
@@ -97,7 +83,7 @@ class _Offloaded:
         """Start the copy back to the GPU on the side stream (once)."""
         if self.fetched is not None or self.host is None:
             return
-        compute = _current_stream(self.device)
+        compute = current_stream(self.device)
         side.wait_event(self.done)
         with torch.cuda.stream(side):
             self.fetched = self.host.to(self.device, non_blocking=True)
@@ -106,7 +92,7 @@ class _Offloaded:
         self.fetched.record_stream(compute)
 
     def restore(self, side: torch.cuda.Stream) -> torch.Tensor:
-        compute = _current_stream(self.device)
+        compute = current_stream(self.device)
         if self.gpu is not None and self.gpu._version == self.version:  # still held (the newest): no copy back
             compute.wait_event(self.done)  # (its memory is reused only after the copy to host has read it)
             tensor = self.gpu
@@ -510,22 +496,15 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode) -> None:
         for module in model.modules():
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = offloaded_checkpoint
-        layers = _checkpointed_layers(model)
+        # (imported here, not at the top: loraforge.models imports this module)
+        from loraforge.models.architectures import decoder_layers
+
+        layers = decoder_layers(model)
         if KEEP_LAST_LAYERS > 0:
             _KEPT_LAYERS.update(layers[-KEEP_LAST_LAYERS:])
         for kind, every in (("gate_up", GATE_UP_EVERY), ("qkv", QKV_EVERY), ("attention", ATTENTION_EVERY)):
             for layer in layers[: len(layers) - 1 : every] if every > 0 else ():
                 _KEPT_PRODUCTS[layer] = _KEPT_PRODUCTS.get(layer, frozenset()) | {kind}
-
-
-def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers in order: the modules transformers checkpoints one by one (not the model, which
-    holds a _gradient_checkpointing_func too)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # a transformers before 4.52: no layer is chosen (KEEP_LAST_LAYERS, _KEPT_PRODUCTS)
-        return []
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def uses_offloaded_checkpointing(model: torch.nn.Module) -> bool:

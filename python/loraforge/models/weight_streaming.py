@@ -21,7 +21,9 @@ unfused path), and those first call `ensure()` of the weight's layer, which
 So the weights are right in any order of reads; the order decides only how much is copied. The copies
 are ordered after an event on the compute stream: work queued on another stream that reads a slot must
 be joined to the current stream first (as CUDA graph capture and fast_generate's warm-up do), and a
-change of stream refills both slots rather than trusting copies ordered against the old one.
+change of stream refills both slots rather than trusting copies ordered against the old one. A CUDA
+graph's replays run the copies it captured without `ensure` seeing them: whoever replays one
+(fast_generate's decode session) calls `forget_slots()` afterwards, and the next read refills.
 
 The fills write the slot through its own tensor, so the views' version counters do not move: the version
 is what tells fast_generate that a weight changed, and a streamed weight never does.

@@ -166,6 +166,11 @@ def _allocator_counts() -> dict:
 _NO_COUNTS = {"mallocs": "?", "frees": "?", "retries": "?"}
 
 
+def _step_spread(step_ms) -> str:
+    """'; steps 320.1-325.7 ms' for the row's note (nothing when the steps were not timed one by one)."""
+    return f"; steps {min(step_ms):.1f}-{max(step_ms):.1f} ms" if step_ms else ""
+
+
 def _host_cpu() -> str:
     """The host CPU's model name (machines lent as the same GPU kind differ in it)."""
     try:
@@ -192,14 +197,15 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     input_ids = torch.randint(0, 128256, (batch, seq), device="cuda", generator=gen)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    losses = []
+    losses, marks = [], []
 
     def step():
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.item())  # (waits for this step's forward: consecutive marks are one step apart)
+        marks.append(time.perf_counter())
 
     for _ in range(warmup):
         step()
@@ -217,7 +223,9 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": max(warmup_peak, steady_peak),
               "steady_peak_gib": steady_peak, "allocator": allocator,
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
-              "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses]}  # fmt: skip
+              "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses],
+              # Each timed step's period (from the previous step's loss to its own): an erratic host shows here.
+              "step_ms": [round(1e3 * (b - a), 1) for a, b in zip(marks[warmup - 1 :], marks[warmup:])] if warmup else []}  # fmt: skip
     if profile:  # after the timed steps, so it cannot disturb them
         from benchmarks.profile_train_step import profile_step
 
@@ -321,7 +329,7 @@ def main() -> None:
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              "fused AdamW; allocator over the timed steps: {mallocs} segment allocations, {frees} "
                              "frees, {retries} retries; host {cpu}".format(cpu=cpu, **r.get("allocator", _NO_COUNTS))
-                             + settings})  # fmt: skip
+                             + _step_spread(r.get("step_ms")) + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)
 

@@ -215,6 +215,9 @@ class DecodeSession:
         done = 0
         if capture and self.graph is None and not self.capture_failed and steps > WARMUP_STEPS:
             done = self._warm_up_and_capture()
+        streamer = self.streamer() if self.streamer is not None else None
+        if streamer is not None and self.graph is not None:
+            streamer.join_copies()  # no copy of an eager pass still in flight into a slot the replays fill
         for _ in range(steps - done):
             if self.graph is not None:
                 self.graph.replay()
@@ -222,7 +225,6 @@ class DecodeSession:
             else:
                 self._step()
                 STATS["eager_steps"] += 1
-        streamer = self.streamer() if self.streamer is not None else None
         if streamer is not None and self.graph is not None:
             streamer.forget_slots()  # the capture recorded copies that did not run; the replays ran them
 

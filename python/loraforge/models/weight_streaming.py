@@ -158,6 +158,13 @@ class WeightStreamer:
             if other is not slot and other.holds != following:  # (never the slot being read: odd counts wrap onto it)
                 self._fill(other, following, stream)
 
+    def join_copies(self) -> None:
+        """Order the current stream after every copy issued so far. Before a CUDA graph replay: the graph's
+        own copies into a slot are ordered only within the graph, not after a prefetch the last eager pass
+        left in flight into the same slot (partial streaming's wrap-around prefetch of layer 0)."""
+        if self.copy_stream is not None:
+            current_stream(self.device).wait_stream(self.copy_stream)
+
     def forget_slots(self) -> None:
         """The slots' contents are no longer what the schedule last recorded: a CUDA graph's captured copies
         ran (fast_generate's replays), which `ensure` does not see. A replay leaves the slots as the captured

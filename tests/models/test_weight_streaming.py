@@ -364,17 +364,20 @@ def test_cuda_memory_holds_two_layers_of_base_weights(tmp_path):
     layer_bytes = streamer.host[0].numel()
 
     def allocated():
-        # Blocks freed while a side stream's work on them was pending (the load's and the streamer's
-        # copies) count as allocated until the allocator next processes its events: empty_cache does.
         gc.collect()
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        return torch.cuda.memory_allocated()
+        stats = torch.cuda.memory_stats()
+        return stats["allocated_bytes.all.current"], stats["allocated_bytes.all.allocated"]
 
-    held = allocated()
+    held, allocations = allocated()
     loraforge.unstream_base_weights(streamed)
     del streamer
-    assert allocated() - held == pytest.approx(6 * layer_bytes, rel=0.02)
+    now, allocations_now = allocated()
+    # Every layer's bytes allocated once more on the GPU, and nothing else of note (the cumulative count) ...
+    assert allocations_now - allocations == pytest.approx(8 * layer_bytes, rel=0.02)
+    # ... while the two slots went (+6 layers, not +8). Tensors an earlier test left for the collector can only
+    # lower this (the GPU run of 2026-12-07 measured -3.7 and -26.6 MB after failed tests, for +9.4 MB).
+    assert now - held <= 6 * layer_bytes * 1.02
 
 
 def save_4bit_checkpoint(source, folder):

@@ -59,7 +59,6 @@ MAX_IN_FLIGHT = int(os.environ.get("LORAFORGE_OFFLOAD_IN_FLIGHT", "4") or 4)
 DRAIN_BEFORE_KEPT = os.environ.get("LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT", "1") != "0"
 
 
-
 class _Offloaded:
     __slots__ = ("__weakref__", "device", "done", "fetched", "fetched_event", "gpu", "host", "prev", "then", "version")
 

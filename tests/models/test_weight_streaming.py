@@ -134,6 +134,37 @@ def test_slots_overwritten_behind_the_schedule_are_refilled_once_forgotten(model
         assert streamer.copies - before == 5  # layers 0-3, then layer 0 again ahead of the next pass
 
 
+def test_decode_session_joins_copies_before_replays_and_forgets_the_slots_after(model_dirs, monkeypatch):
+    """The decode session's side of the contract above, on CPU: with a captured step (here a stand-in whose
+    replay is an eager step), advance() joins the streamer's copies first and forgets its slots after."""
+    from loraforge.generation import decode
+    from loraforge.generation.settings import merged_generation_config, resolve
+
+    model, _ = load(model_dirs["llama"], 4, peft=False)
+    streamer = weight_streaming.streamer_of(model)
+    calls = []
+    monkeypatch.setattr(streamer, "join_copies", lambda: calls.append("join"))
+    config, _ = merged_generation_config(model.generation_config, None, {"max_new_tokens": 5, "do_sample": False})
+    settings, reason = resolve(config, 6)
+    assert reason is None
+    ids = torch.randint(0, 500, (1, 6))
+    with torch.no_grad():
+        session, reason = decode.session_for(model, 1, decode.cache_length(6, 5, model.config), settings, None,
+                                             reuse=False)  # fmt: skip
+        assert reason is None
+        session.start(ids, torch.ones_like(ids))
+
+        class EagerGraph:  # what a replay does to the slots, with the schedule kept in step (an eager step)
+            def replay(self):
+                calls.append("replay")
+                session._step()
+
+        session.graph = EagerGraph()
+        session.advance(2, capture=False)
+    assert calls == ["join", "replay", "replay"]
+    assert streamer.current is None and [slot.holds for slot in streamer.slots] == [None, None]
+
+
 def test_each_weight_is_a_view_into_its_layers_slot(model_dirs):
     model, _ = load(model_dirs["llama"], True, peft=False)
     streamer = weight_streaming.streamer_of(model)

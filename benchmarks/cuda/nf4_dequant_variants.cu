@@ -39,16 +39,9 @@ struct Inputs {
 
 constexpr int kSets = 3;
 
-template <int Threads, int Unroll, bool Streaming, bool LoadsFirst = true>
-float time_variant(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
-  const long long per_block = (long long)Threads * Unroll * 8;
-  const unsigned int grid = (unsigned int)((n + per_block - 1) / per_block);
-  const BlockShifts shifts{6, 8};
-  auto launch = [&](int i) {
-    const Inputs& in = sets[i % kSets];
-    nf4_dequantize_kernel<__nv_bfloat16, Threads, Unroll, Streaming, LoadsFirst><<<grid, Threads>>>(in.packed, in.source, n, shifts,
-                                                                                       outs[i % kSets]);
-  };
+// Microseconds per launch: 6 untimed launches, then `reps` back to back between two events.
+template <typename Launch>
+float time_launches(Launch launch, int reps) {
   for (int i = 0; i < 6; ++i) launch(i);
   CHECK(cudaGetLastError());
   cudaEvent_t start, stop;
@@ -61,6 +54,19 @@ float time_variant(const std::vector<Inputs>& sets, long long n, __nv_bfloat16**
   float ms = 0;
   CHECK(cudaEventElapsedTime(&ms, start, stop));
   return ms * 1000.0f / reps;
+}
+
+template <int Threads, int Unroll, bool Streaming, bool LoadsFirst = true>
+float time_variant(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
+  const long long per_block = (long long)Threads * Unroll * 8;
+  const unsigned int grid = (unsigned int)((n + per_block - 1) / per_block);
+  const BlockShifts shifts{6, 8};
+  auto launch = [&](int i) {
+    const Inputs& in = sets[i % kSets];
+    nf4_dequantize_kernel<__nv_bfloat16, Threads, Unroll, Streaming, LoadsFirst><<<grid, Threads>>>(in.packed, in.source, n, shifts,
+                                                                                       outs[i % kSets]);
+  };
+  return time_launches(launch, reps);
 }
 
 // Wide loads: each thread loads kWords 32-bit words of packed bytes at once (8 or 16 bytes: 16 or 32
@@ -123,18 +129,7 @@ float time_wide(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** ou
     const Inputs& in = sets[i % kSets];
     wide_dequantize_kernel<Threads, kWords, Staged><<<grid, Threads>>>(in.packed, in.source, n, shifts, outs[i % kSets]);
   };
-  for (int i = 0; i < 6; ++i) launch(i);
-  CHECK(cudaGetLastError());
-  cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
-  CHECK(cudaEventRecord(start));
-  for (int i = 0; i < reps; ++i) launch(i);
-  CHECK(cudaEventRecord(stop));
-  CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, start, stop));
-  return ms * 1000.0f / reps;
+  return time_launches(launch, reps);
 }
 
 int main() {

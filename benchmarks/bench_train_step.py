@@ -137,8 +137,11 @@ def load(impl: str, folder: str, seq: int):
         stream = os.environ.get("LORAFORGE_STREAM_BASE_WEIGHTS", "0") == "1"
         if os.environ.get("LORAFORGE_STREAM_LAYERS"):
             stream = int(os.environ["LORAFORGE_STREAM_LAYERS"])
+        # LORAFORGE_OFFLOAD_EMBEDDING=1: the input embedding table in pinned host memory (frees 0.98 GiB here)
+        offload_embedding = os.environ.get("LORAFORGE_OFFLOAD_EMBEDDING", "0") == "1"
         model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=dtype,
-                                                     stream_base_weights=stream)  # fmt: skip
+                                                     stream_base_weights=stream,
+                                                     offload_embedding=offload_embedding)  # fmt: skip
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
     if impl == "liger":

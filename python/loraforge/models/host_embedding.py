@@ -1,0 +1,101 @@
+"""The input embedding table kept in pinned host memory and read there by the GPU (`offload_embedding=True`).
+
+Why: a training step reads only its tokens' rows of the input embedding (4,096 tokens of Llama-3 8B: 32 MiB),
+yet the table sits whole on the GPU (128,256 x 4,096 bf16: 0.98 GiB), as much as seven decoder layers'
+NF4 weights. A frozen table (every LoRA run) need not: kept in pinned host memory, it is still a valid
+device address (CUDA's unified virtual addressing maps every page-locked host allocation into the GPU's
+address space at the same address), so a CUDA tensor over that address lets torch's own embedding kernel
+gather the rows over PCIe, inside the stream's order: no host synchronisation, no copy of the table, no
+kernel of ours. The price is the rows' bytes over PCIe once a forward (~1 ms for 32 MiB); the freed GPU
+memory can keep more layers out of the checkpoint (LORAFORGE_KEEP_LAST_LAYERS), which is worth more.
+
+Only a frozen table not tied to the output head: the head reads all of it at every step, and a trained
+table needs its gradient on the GPU. `restore_input_embeddings(model)` puts the table back on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_HOST_ATTR = "_loraforge_host_table"  # on the embedding module: the pinned host tensor behind its weight
+
+
+class _DeviceAddress:
+    """A pinned host tensor presented through __cuda_array_interface__ (v3), so that torch.as_tensor makes a
+    CUDA tensor over the same address. Int16 elements: the interface's typestr has no bfloat16, and the
+    caller views the result in the table's own dtype (any 2-byte one; 4-byte ones pass as int32)."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host = host  # kept alive by the CUDA tensor, which holds this object until it is freed
+        typestr = {2: "<i2", 4: "<i4"}[host.element_size()]
+        self.__cuda_array_interface__ = {
+            "shape": tuple(host.shape), "typestr": typestr, "data": (host.data_ptr(), False),
+            "strides": None, "version": 3, "stream": None,  # None: no stream to wait for (the copy is done)
+        }  # fmt: skip
+
+
+def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    integer = {2: torch.int16, 4: torch.int32}[host.element_size()]
+    with torch.cuda.device(device):
+        view = torch.as_tensor(_DeviceAddress(host), device=device)
+    if view.data_ptr() != host.data_ptr() or view.dtype != integer:
+        raise RuntimeError("torch did not wrap the pinned table at its own address; offload_embedding is not "
+                           "available with this torch build")  # fmt: skip
+    return view.view(host.dtype)
+
+
+def _input_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise TypeError("offload_embedding needs a model whose get_input_embeddings() is a torch.nn.Embedding, "
+                         f"got {type(embedding).__name__}")  # fmt: skip
+    return embedding
+
+
+def is_offloaded(model: torch.nn.Module) -> bool:
+    """Whether `model`'s input embedding table lives in host memory (offload_input_embeddings)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return getattr(embedding, _HOST_ATTR, None) is not None
+
+
+def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """Move `model`'s input embedding table to pinned host memory, where the GPU reads the rows it needs (see
+    the module docstring); returns the embedding module. The table must be on a CUDA device, frozen, and
+    not shared with the output head. A second call is a no-op."""
+    embedding = _input_embedding(model)
+    if getattr(embedding, _HOST_ATTR, None) is not None:
+        return embedding
+    weight = embedding.weight
+    if weight.requires_grad:
+        raise ValueError("offload_embedding needs a frozen input embedding (it trains here: full_finetuning or "
+                         "embed_tokens in modules_to_save); leave offload_embedding=False")  # fmt: skip
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    head_weight = getattr(head, "weight", None)
+    if isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == weight.data_ptr():
+        raise ValueError("offload_embedding: this model ties its input embedding to the output head, which reads "
+                         "the whole table at every step; it stays on the GPU (leave offload_embedding=False)")  # fmt: skip
+    if weight.element_size() not in (2, 4) or not weight.is_contiguous():
+        raise ValueError(f"offload_embedding takes a contiguous 16- or 32-bit table, got {weight.dtype} "
+                         f"with strides {weight.stride()}")  # fmt: skip
+    if weight.device.type != "cuda":
+        raise ValueError(f"offload_embedding moves a GPU table to host memory; this model's is on {weight.device} "
+                         "(load it on a CUDA device, or leave offload_embedding=False)")  # fmt: skip
+    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    host.copy_(weight.detach())
+    view = _device_view(host, weight.device)
+    embedding.__dict__[_HOST_ATTR] = host
+    embedding.weight = torch.nn.Parameter(view, requires_grad=False)  # the GPU table is freed with the old one
+    return embedding
+
+
+def restore_input_embeddings(model: torch.nn.Module) -> None:
+    """Undo offload_input_embeddings: the table back in GPU memory. A no-op where it was not offloaded."""
+    embedding = _input_embedding(model)
+    host = embedding.__dict__.pop(_HOST_ATTR, None)
+    if host is None:
+        return
+    device = embedding.weight.device
+    embedding.weight = torch.nn.Parameter(host.to(device), requires_grad=False)

@@ -1,0 +1,121 @@
+"""offload_embedding=True: the input embedding table in pinned host memory, read in place by the GPU.
+
+On CPU only the refusals can run (there is no device address for host memory there). On CUDA (`gpu`): the
+table's bytes leave the GPU, the weight's address is the pinned table's, and loss, LoRA gradients, greedy
+generation, state_dict and the undo equal the same model with its table on the GPU."""
+
+import random
+
+import pytest
+import torch
+
+from loraforge import FastLanguageModel, testing
+from loraforge.models import host_embedding
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return testing.save_tiny_model(tmp_path_factory.mktemp("embedding") / "llama", arch="llama", seed=5,
+                                   hidden_size=256, intermediate_size=512, num_hidden_layers=3)  # fmt: skip
+
+
+def test_arguments_are_checked_before_loading(llama_dir):
+    with pytest.raises(TypeError, match="offload_embedding must be True or False"):
+        FastLanguageModel.from_pretrained(llama_dir, offload_embedding="yes")
+    with pytest.raises(ValueError, match="full_finetuning=True the table trains"):
+        FastLanguageModel.from_pretrained(llama_dir, full_finetuning=True, offload_embedding=True)
+
+
+def test_a_table_on_the_cpu_is_refused(llama_dir):
+    with pytest.raises(ValueError, match="moves a GPU table to host memory; this model's is on cpu"):
+        FastLanguageModel.from_pretrained(llama_dir, device_map="cpu", offload_embedding=True)
+
+
+def test_trained_tied_and_odd_tables_are_refused(tmp_path):
+    """Each refusal comes before anything moves (the checks run before the device check, so on CPU too)."""
+    tied_dir = testing.save_tiny_model(tmp_path / "qwen3", arch="qwen3", seed=1, num_hidden_layers=1)
+    tied, _ = FastLanguageModel.from_pretrained(tied_dir, device_map="cpu", load_in_4bit=False)
+    with pytest.raises(ValueError, match="ties its input embedding to the output head"):
+        host_embedding.offload_input_embeddings(tied)
+    untied_dir = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=1, num_hidden_layers=1)
+    model, _ = FastLanguageModel.from_pretrained(untied_dir, device_map="cpu", load_in_4bit=False)
+    table = model.get_input_embeddings().weight
+    table.requires_grad_(True)
+    with pytest.raises(ValueError, match="needs a frozen input embedding"):
+        host_embedding.offload_input_embeddings(model)
+    table.requires_grad_(False)
+    model.get_input_embeddings().weight = torch.nn.Parameter(table.detach().double(), requires_grad=False)
+    with pytest.raises(ValueError, match="16- or 32-bit table, got torch.float64"):
+        host_embedding.offload_input_embeddings(model)
+    with pytest.raises(TypeError, match="get_input_embeddings\\(\\) is a torch.nn.Embedding"):
+        host_embedding.offload_input_embeddings(torch.nn.Linear(2, 2))
+    assert not host_embedding.is_offloaded(model)
+    host_embedding.restore_input_embeddings(model)  # not offloaded: a no-op
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+def _load(path, offload, dtype):
+    model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=dtype, load_in_4bit=True,
+                                                         offload_embedding=offload)  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+    g = torch.Generator().manual_seed(11)
+    for name, param in model.named_parameters():  # adapters that change the output
+        if "lora_B" in name:
+            param.data = (torch.randn(param.shape, generator=g) * 0.05).to(param.device, param.dtype)
+    return model, tokenizer
+
+
+def _loss_and_grads(model, ids):
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cuda_offloaded_table_trains_and_generates_as_the_gpu_one(llama_dir, dtype):
+    from loraforge import fast_generate
+
+    start = torch.cuda.memory_allocated()
+    plain, tokenizer = _load(llama_dir, False, dtype)
+    plain_bytes = torch.cuda.memory_allocated() - start
+    offloaded, _ = _load(llama_dir, True, dtype)
+    offloaded_bytes = torch.cuda.memory_allocated() - start - plain_bytes
+    table = offloaded.get_input_embeddings().weight
+    host = offloaded.get_input_embeddings().__dict__[host_embedding._HOST_ATTR]
+    # The table is a CUDA tensor at the pinned host table's address; the GPU holds one model minus its table.
+    assert table.is_cuda and host.is_pinned() and table.data_ptr() == host.data_ptr()
+    assert host_embedding.is_offloaded(offloaded)
+    table_bytes = table.numel() * table.element_size()
+    assert offloaded_bytes == pytest.approx(plain_bytes - table_bytes, abs=table_bytes * 0.05)
+    assert torch.equal(table.cpu(), plain.get_input_embeddings().weight.cpu())
+    seed = random.randrange(1 << 30)
+    for _ in range(2):
+        ids = torch.randint(0, 500, (2, 77), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        loss, grads = _loss_and_grads(plain, ids)
+        loss_o, grads_o = _loss_and_grads(offloaded, ids)
+        assert torch.equal(loss, loss_o) and grads.keys() == grads_o.keys()
+        assert all(torch.equal(grads[k], grads_o[k]) for k in grads)
+        seed += 1
+    batch = {
+        k: v.cuda() for k, v in tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True).items()
+    }
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": None}
+    for model in (plain, offloaded):
+        FastLanguageModel.for_inference(model)
+    expected = fast_generate(plain, **batch, **kwargs, use_cuda_graph=False)
+    assert torch.equal(fast_generate(offloaded, **batch, **kwargs, use_cuda_graph=False), expected)
+    assert torch.equal(fast_generate(offloaded, **batch, **kwargs), expected)  # CUDA-graph decoding
+    # Undo: the table back in GPU memory, the same bytes, and the pinned one released.
+    key = next(k for k in offloaded.state_dict() if k.endswith("embed_tokens.weight"))
+    saved = offloaded.state_dict()[key].cpu()
+    host_embedding.restore_input_embeddings(offloaded)
+    restored = offloaded.get_input_embeddings().weight
+    assert not host_embedding.is_offloaded(offloaded) and restored.data_ptr() != host.data_ptr()
+    assert torch.equal(restored.cpu(), saved) and not restored.requires_grad

@@ -189,6 +189,8 @@ GRPO = ["grpo", "--model", "{base}", "--dataset", "{questions}", "--prompt-colum
          "not modules of this model"),
         (["sft", "--model", "{base}", "--dataset", "{data}", "--stream-base-weights", "--no-load-in-4bit"],
          "needs --load-in-4bit"),
+        (["sft", "--model", "{base}", "--dataset", "{data}", "--offload-embedding"],
+         "--offload-embedding: offload_embedding moves a GPU table to host memory"),
         (["sft", "--config", "{root}/typo.yaml"], "unknown key 'lerning_rate'; valid keys:"),
         (["sft", "--config", "{root}/nothing.yaml"], "does not exist"),
         (["export", "--adapter", "{base}", "--output", "{root}/x", "--format", "merged_16bit"], "no adapter_config"),

@@ -216,6 +216,10 @@ def _add_sft(commands) -> argparse.ArgumentParser:
     data.add_argument("--stream-base-weights", action=argparse.BooleanOptionalAction,
                       help="keep the 4-bit base weights in host memory and copy them to the GPU a layer at a time: "
                       "two layers' weights on the GPU instead of all, slower generation (default: off)")
+    data.add_argument("--offload-embedding", action=argparse.BooleanOptionalAction,
+                      help="keep the frozen input embedding table in pinned host memory, read there by the GPU: "
+                      "frees its GPU memory (Llama-3 8B: 0.98 GiB) for ~1 ms a step; CUDA only, not for a table "
+                      "tied to the output head (default: off)")
     data.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                       help="compute dtype (default: auto: bfloat16 where the GPU has it, else float16; float32 on CPU)")
     add_lora_options(parser, d)

@@ -61,6 +61,7 @@ class SFTSettings:
     max_seq_length: int | None = None  # None: the model's context, at most 2048
     load_in_4bit: bool = True
     stream_base_weights: bool = False  # NF4 base weights in host memory, a layer at a time on the GPU
+    offload_embedding: bool = False  # the frozen input embedding table in pinned host memory
     dtype: str = "auto"  # auto: bf16 where the GPU has it, else fp16; fp32 on CPU
     r: int = 16
     lora_alpha: int = 16
@@ -175,6 +176,13 @@ def load_model(settings: SFTSettings):
         tokenizer = get_chat_template(tokenizer, settings.chat_template)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
+    if getattr(settings, "offload_embedding", False):  # after the resize, which would build a new GPU table
+        from loraforge.models.host_embedding import offload_input_embeddings
+
+        try:
+            offload_input_embeddings(model)
+        except ValueError as error:  # a table on the CPU or tied to the output head
+            raise SFTInputError(f"--offload-embedding: {error}") from None
     try:
         model = FastLanguageModel.get_peft_model(
             model, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,

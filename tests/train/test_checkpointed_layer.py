@@ -148,23 +148,38 @@ def test_completed_offload_copies_release_their_gpu_tensor():
 
 class _Done:
     def __init__(self, value):
-        self.value, self.waited = value, False
+        self.value, self.waited, self.host_waited = value, False, False
 
     def query(self):
         return self.value
 
     def synchronize(self):
-        self.waited = self.value = True
+        self.waited = self.host_waited = self.value = True
+
+
+class _ComputeStream:
+    """Stands in for the compute stream: records the events it was made to wait for."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def wait_event(self, event):
+        event.waited = True
 
 
 class _Item:
     def __init__(self, finished):
-        self.gpu, self.done = object(), _Done(finished)
+        self.gpu, self.done, self.device = object(), _Done(finished), torch.device("cuda", 0)
 
 
-def test_copies_in_flight_are_limited_oldest_first(monkeypatch):
-    """The host waits for the oldest copies once more than MAX_IN_FLIGHT saved tensors are on their way."""
+@pytest.mark.parametrize("host_wait", (False, True))
+def test_copies_in_flight_are_limited_oldest_first(monkeypatch, host_wait):
+    """Once more than MAX_IN_FLIGHT saved tensors are on their way, the oldest ones' GPU tensors are dropped
+    after the compute stream (by default) or the host (HOST_WAIT) waits for their copies."""
     monkeypatch.setattr(oc, "MAX_IN_FLIGHT", 2)
+    monkeypatch.setattr(oc, "HOST_WAIT", host_wait)
+    streams = []
+    monkeypatch.setattr(oc, "current_stream", lambda device: streams.append(device) or _ComputeStream(device))
     hooks = oc._OffloadHooks()
     items = [_Item(False) for _ in range(5)]
     hooks.in_flight = list(items)
@@ -172,6 +187,9 @@ def test_copies_in_flight_are_limited_oldest_first(monkeypatch):
     assert hooks.in_flight == items[3:]
     assert [item.done.waited for item in items] == [True, True, True, False, False]
     assert [item.gpu is None for item in items] == [True, True, True, False, False]
+    # The host blocks only with HOST_WAIT; otherwise each wait is queued on the tensor's device's stream.
+    assert [item.done.host_waited for item in items] == [host_wait] * 3 + [False] * 2
+    assert streams == ([] if host_wait else [torch.device("cuda", 0)] * 3)
 
 
 def test_an_input_changed_in_place_after_the_layer_is_caught(seed):

@@ -113,13 +113,25 @@ class _FakeEvent:
         self.waited = True
 
 
+class _FakeStream:
+    def wait_event(self, event):  # (the compute stream waits: default; the host: HOST_WAIT)
+        event.waited = True
+
+
+@pytest.fixture
+def no_cuda_streams(monkeypatch):
+    """The drains below queue their waits on a stand-in compute stream (there is no CUDA here)."""
+    monkeypatch.setattr(oc, "current_stream", lambda device: _FakeStream())
+
+
 def _fake_items(count: int) -> list:
     import types
 
-    return [types.SimpleNamespace(gpu=torch.empty(1), done=_FakeEvent()) for _ in range(count)]
+    return [types.SimpleNamespace(gpu=torch.empty(1), done=_FakeEvent(), device=torch.device("cuda", 0))
+            for _ in range(count)]  # fmt: skip
 
 
-def test_drain_waits_for_every_copy_in_flight_but_the_newest():
+def test_drain_waits_for_every_copy_in_flight_but_the_newest(no_cuda_streams):
     hooks = oc._OffloadHooks()
     items = _fake_items(4)
     items[1].gpu = None  # already reaped: nothing to wait for
@@ -131,7 +143,7 @@ def test_drain_waits_for_every_copy_in_flight_but_the_newest():
 
 
 @pytest.mark.parametrize("drain", (True, False))
-def test_a_layer_kept_out_of_the_checkpoint_drains_the_copies_first(monkeypatch, drain):
+def test_a_layer_kept_out_of_the_checkpoint_drains_the_copies_first(monkeypatch, no_cuda_streams, drain):
     """The first layer that runs without a checkpoint (KEEP_LAST_LAYERS) waits for the copies in flight,
     so that their GPU tensors do not add to the memory of its activations and the loss; a checkpointed
     layer does not."""

@@ -57,6 +57,12 @@ MAX_IN_FLIGHT = int(os.environ.get("LORAFORGE_OFFLOAD_IN_FLIGHT", "4") or 4)
 # are where the forward's memory peaks, and the queue's GPU tensors would otherwise add to it. The copies
 # were issued a layer or more earlier, so the wait is short. LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT=0 turns it off.
 DRAIN_BEFORE_KEPT = os.environ.get("LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT", "1") != "0"
+# Past that limit the compute stream, not the host, waits for the oldest copy: its GPU tensor goes back to the
+# allocator at once, and whatever reuses the block runs on the compute stream after the wait, so after the copy
+# has read it. The host keeps its lead over the GPU, which a host wait gave up at every layer: the forward
+# then ran at the host's pace where the host is slower than the GPU (an H100 host of 2026-12-07 whose steps
+# spread over 363-430 ms, where another gave 328-349 ms). LORAFORGE_OFFLOAD_HOST_WAIT=1 waits on the host.
+HOST_WAIT = os.environ.get("LORAFORGE_OFFLOAD_HOST_WAIT", "0") == "1"
 
 
 class _Offloaded:
@@ -158,13 +164,17 @@ class _OffloadHooks:
         return item
 
     def _limit_in_flight(self, limit: int | None = None) -> None:
-        """Where the host is far ahead of the GPU, wait for the oldest copies until at most `limit`
-        (MAX_IN_FLIGHT) are in flight, and drop their GPU tensors."""
+        """Where the host is far ahead of the GPU, drop the GPU tensors of the oldest copies until at most
+        `limit` (MAX_IN_FLIGHT) are in flight, the compute stream waiting for each copy first (HOST_WAIT:
+        the host)."""
         limit = MAX_IN_FLIGHT if limit is None else limit
         while len(self.in_flight) > limit:
             oldest = self.in_flight.pop(0)
             if oldest.gpu is not None:  # (None: already released, nothing to wait for)
-                oldest.done.synchronize()
+                if HOST_WAIT:
+                    oldest.done.synchronize()
+                else:  # the tensor was made on the compute stream, so its block is reused there only
+                    current_stream(oldest.device).wait_event(oldest.done)
                 oldest.gpu = None
 
     def drain(self) -> None:

@@ -119,3 +119,31 @@ def test_cuda_offloaded_table_trains_and_generates_as_the_gpu_one(llama_dir, dty
     restored = offloaded.get_input_embeddings().weight
     assert not host_embedding.is_offloaded(offloaded) and restored.data_ptr() != host.data_ptr()
     assert torch.equal(restored.cpu(), saved) and not restored.requires_grad
+
+
+def test_a_table_moved_since_its_offload_counts_as_not_offloaded():
+    """model.cpu() or model.half() after an offload leave an ordinary tensor behind the module: it is then
+    neither reported as offloaded nor 'restored' (the stale pinned table is dropped). A CPU stand-in: the
+    module carries a pinned-table record, but its weight is a host tensor elsewhere."""
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 4)
+    model.get_input_embeddings = lambda: model.embed
+    model.embed.__dict__[host_embedding._HOST_ATTR] = torch.empty(10, 4)
+    weight = model.embed.weight
+    assert not host_embedding.is_offloaded(model)
+    host_embedding.restore_input_embeddings(model)
+    assert host_embedding._HOST_ATTR not in model.embed.__dict__ and model.embed.weight is weight
+
+
+@pytest.mark.gpu
+def test_cuda_a_moved_table_can_be_offloaded_again(llama_dir):
+    model, _ = FastLanguageModel.from_pretrained(llama_dir, dtype=torch.bfloat16, offload_embedding=True)
+    embedding = model.get_input_embeddings()
+    expected = embedding.weight.cpu()
+    assert host_embedding.is_offloaded(model)
+    embedding.to("cpu")  # an ordinary host tensor now, not the pinned table
+    assert not host_embedding.is_offloaded(model)
+    embedding.to("cuda")  # an ordinary GPU table
+    assert not host_embedding.is_offloaded(model)
+    host_embedding.offload_input_embeddings(model)
+    assert host_embedding.is_offloaded(model) and torch.equal(model.get_input_embeddings().weight.cpu(), expected)

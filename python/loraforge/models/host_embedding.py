@@ -57,7 +57,15 @@ def is_offloaded(model: torch.nn.Module) -> bool:
     """Whether `model`'s input embedding table lives in host memory (offload_input_embeddings)."""
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
-    return getattr(embedding, _HOST_ATTR, None) is not None
+    return _reads_host_table(embedding)
+
+
+def _reads_host_table(embedding) -> bool:
+    """Whether the module's weight is still the CUDA view of its pinned table (a move such as model.cpu() or
+    model.half() since the offload made it an ordinary tensor elsewhere)."""
+    host = getattr(embedding, _HOST_ATTR, None)
+    weight = getattr(embedding, "weight", None)
+    return host is not None and weight is not None and weight.is_cuda and weight.data_ptr() == host.data_ptr()
 
 
 def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,8 +73,9 @@ def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     the module docstring); returns the embedding module. The table must be on a CUDA device, frozen, and
     not shared with the output head. A second call is a no-op."""
     embedding = _input_embedding(model)
-    if getattr(embedding, _HOST_ATTR, None) is not None:
+    if _reads_host_table(embedding):
         return embedding
+    embedding.__dict__.pop(_HOST_ATTR, None)  # a table moved away since an earlier offload
     weight = embedding.weight
     if weight.requires_grad:
         raise ValueError("offload_embedding needs a frozen input embedding (it trains here: full_finetuning or "
@@ -94,8 +103,9 @@ def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
 def restore_input_embeddings(model: torch.nn.Module) -> None:
     """Undo offload_input_embeddings: the table back in GPU memory. A no-op where it was not offloaded."""
     embedding = _input_embedding(model)
+    reads_host = _reads_host_table(embedding)
     host = embedding.__dict__.pop(_HOST_ATTR, None)
-    if host is None:
+    if not reads_host:  # never offloaded, or moved since (the weight is an ordinary tensor already)
         return
     device = embedding.weight.device
     embedding.weight = torch.nn.Parameter(host.to(device), requires_grad=False)

@@ -147,3 +147,15 @@ def test_cuda_a_moved_table_can_be_offloaded_again(llama_dir):
     assert not host_embedding.is_offloaded(model)
     host_embedding.offload_input_embeddings(model)
     assert host_embedding.is_offloaded(model) and torch.equal(model.get_input_embeddings().weight.cpu(), expected)
+
+
+def test_torch_distributed_is_refused(monkeypatch):
+    import torch.distributed as dist
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 4).requires_grad_(False)
+    model.get_input_embeddings = lambda: model.embed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.raises(NotImplementedError, match="offload_embedding with torch.distributed"):
+        host_embedding.offload_input_embeddings(model)

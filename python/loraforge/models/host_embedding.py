@@ -77,6 +77,12 @@ def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
         return embedding
     embedding.__dict__.pop(_HOST_ATTR, None)  # a table moved away since an earlier offload
     weight = embedding.weight
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # (DDP broadcasts every parameter at wrap time, FSDP2 shards them: neither is tested on a table
+        # that only has a host address)
+        raise NotImplementedError("offload_embedding with torch.distributed (DDP/FSDP2) is not supported")
     if weight.requires_grad:
         raise ValueError("offload_embedding needs a frozen input embedding (it trains here: full_finetuning or "
                          "embed_tokens in modules_to_save); leave offload_embedding=False")  # fmt: skip

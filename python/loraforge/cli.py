@@ -218,7 +218,7 @@ def _add_sft(commands) -> argparse.ArgumentParser:
                       "two layers' weights on the GPU instead of all, slower generation (default: off)")
     data.add_argument("--offload-embedding", action=argparse.BooleanOptionalAction,
                       help="keep the frozen input embedding table in pinned host memory, read there by the GPU: "
-                      "frees its GPU memory (Llama-3 8B: 0.98 GiB) for ~1 ms a step; CUDA only, not for a table "
+                      "frees its GPU memory (Llama-3 8B: 0.98 GiB) for the batch's rows over PCIe; CUDA only, not for a table "
                       "tied to the output head (default: off)")
     data.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                       help="compute dtype (default: auto: bfloat16 where the GPU has it, else float16; float32 on CPU)")

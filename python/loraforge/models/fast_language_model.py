@@ -122,7 +122,7 @@ class FastLanguageModel:
 
         offload_embedding: keep the input embedding table in pinned host memory, where the GPU reads the
         rows of each batch's tokens (models/host_embedding.py): frees the table's GPU memory (Llama-3 8B:
-        0.98 GiB) for ~1 ms a step. Needs a CUDA device, a frozen table (not full_finetuning) and one
+        0.98 GiB) for the rows' bytes over PCIe once a forward. Needs a CUDA device, a frozen table (not full_finetuning) and one
         not tied to the output head."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

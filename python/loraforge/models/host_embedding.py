@@ -6,8 +6,11 @@ NF4 weights. A frozen table (every LoRA run) need not: kept in pinned host memor
 device address (CUDA's unified virtual addressing maps every page-locked host allocation into the GPU's
 address space at the same address), so a CUDA tensor over that address lets torch's own embedding kernel
 gather the rows over PCIe, inside the stream's order: no host synchronisation, no copy of the table, no
-kernel of ours. The price is the rows' bytes over PCIe once a forward (~1 ms for 32 MiB); the freed GPU
-memory can keep more layers out of the checkpoint (LORAFORGE_KEEP_LAST_LAYERS), which is worth more.
+kernel of ours. The price is the rows' bytes over PCIe once a forward (32 MiB; ~0.6 ms at the 55 GB/s the
+H100 machine's pinned copies reach, if the gather's reads stream as well: not yet timed on its own). The
+freed GPU memory (0.97 GiB measured on the 8B step) can keep more layers out of the checkpoint
+(LORAFORGE_KEEP_LAST_LAYERS=3 fits under the unoffloaded peak: 6.80 against 6.85 GiB); what that buys in
+speed is still to measure on a host whose step times hold steady (benchmarks/results/train_step_limits.md).
 
 Only a frozen table not tied to the output head: the head reads all of it at every step, and a trained
 table needs its gradient on the GPU. `restore_input_embeddings(model)` puts the table back on the GPU.
@@ -16,6 +19,7 @@ table needs its gradient on the GPU. `restore_input_embeddings(model)` puts the 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 _HOST_ATTR = "_loraforge_host_table"  # on the embedding module: the pinned host tensor behind its weight
 
@@ -77,8 +81,6 @@ def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
         return embedding
     embedding.__dict__.pop(_HOST_ATTR, None)  # a table moved away since an earlier offload
     weight = embedding.weight
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # (DDP broadcasts every parameter at wrap time, FSDP2 shards them: neither is tested on a table
         # that only has a host address)

@@ -87,6 +87,32 @@ def test_offloaded_layer_inputs_leave_the_gpu(seed):
     assert x.grad is not None and all(p.grad is not None for b in blocks for p in b.parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_wait", (False, True))
+def test_cuda_a_dropped_tensor_is_not_overwritten_before_its_copy_to_host(monkeypatch, host_wait):
+    """Past the in-flight limit a saved tensor's GPU reference is dropped while its copy to host may still
+    run; the block the allocator hands out again must not be written before that copy has read it (by
+    default the compute stream waits for the copy; HOST_WAIT: the host). 256 MB take ~5 ms over PCIe
+    and the fill ~0.1 ms, so without a wait the host copy would hold the fill's values."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(oc, "HOST_WAIT", host_wait)
+    hooks = oc._OffloadHooks()
+    n = 64 << 20
+    x = torch.full((n,), 1.0, device="cuda")
+    torch.cuda.synchronize()
+    address = x.data_ptr()
+    item = hooks.pack(x)  # its copy to host starts on the side stream
+    del x
+    hooks._limit_in_flight(0)
+    assert item.gpu is None  # the last reference dropped: the block is the allocator's again
+    reused = torch.empty(n, device="cuda")
+    assert reused.data_ptr() == address  # (else this test checks nothing)
+    reused.fill_(2.0)
+    torch.cuda.synchronize()
+    assert bool((item.host == 1.0).all())
+
+
 def test_current_stream_objects_follow_the_current_stream(monkeypatch):
     """_native.current_stream keeps one Stream object per (device, raw stream handle): the same object while
     that stream is current, another as soon as another stream is made current (torch.cuda.stream(...)),

@@ -289,6 +289,31 @@ def tokenize_table(table, tokenizer, column: str | None = None):
 # --------------------------------------------------------------------------------------------
 
 
+class TokenCounter:
+    """Tokens trained on (the attention mask's ones, else every input id), summed on the mask's device and
+    read back only when `value` is asked for. An int() of each step's sum made the host wait there for the
+    previous step's backward and optimizer, so every forward began with the host no longer ahead of the GPU
+    (the 8B forward issues more host work than the GPU needs time for, benchmarks/results/train_step_limits.md)."""
+
+    def __init__(self):
+        self._read, self._pending = 0, None
+
+    def add(self, inputs) -> None:
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            self._read += inputs["input_ids"].numel()  # (a shape: no read of the device)
+            return
+        count = mask.sum()
+        self._pending = count if self._pending is None else self._pending + count
+
+    @property
+    def value(self) -> int:
+        if self._pending is not None:
+            self._read += int(self._pending)
+            self._pending = None
+        return self._read
+
+
 def _trainer_class():
     import trl
     from transformers import Trainer
@@ -303,11 +328,16 @@ def _trainer_class():
         counts the tokens trained on, for tokens/s, and warns as training starts when the chat
         template does not fit the model (data/template_check.py)."""
 
-        tokens_seen = 0
+        _tokens = None  # a TokenCounter, made at the first step
+
+        @property
+        def tokens_seen(self) -> int:
+            return self._tokens.value if self._tokens is not None else 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            if self._tokens is None:
+                self._tokens = TokenCounter()
+            self._tokens.add(inputs)
             if is_patched(model) or not torch.cuda.is_available():
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)  # fmt: skip

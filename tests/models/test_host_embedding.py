@@ -11,6 +11,7 @@ import torch
 
 from loraforge import FastLanguageModel, testing
 from loraforge.models import host_embedding
+from tests.models._lora_runs import load_with_adapters, loss_and_grads
 
 
 @pytest.fixture(scope="module")
@@ -57,35 +58,15 @@ def test_trained_tied_and_odd_tables_are_refused(tmp_path):
 # CUDA
 
 
-def _load(path, offload, dtype):
-    model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=dtype, load_in_4bit=True,
-                                                         offload_embedding=offload)  # fmt: skip
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
-    g = torch.Generator().manual_seed(11)
-    for name, param in model.named_parameters():  # adapters that change the output
-        if "lora_B" in name:
-            param.data = (torch.randn(param.shape, generator=g) * 0.05).to(param.device, param.dtype)
-    return model, tokenizer
-
-
-def _loss_and_grads(model, ids):
-    model.train()
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_cuda_offloaded_table_trains_and_generates_as_the_gpu_one(llama_dir, dtype):
     from loraforge import fast_generate
 
     start = torch.cuda.memory_allocated()
-    plain, tokenizer = _load(llama_dir, False, dtype)
+    plain, tokenizer = load_with_adapters(llama_dir, dtype, offload_embedding=False)
     plain_bytes = torch.cuda.memory_allocated() - start
-    offloaded, _ = _load(llama_dir, True, dtype)
+    offloaded, _ = load_with_adapters(llama_dir, dtype, offload_embedding=True)
     offloaded_bytes = torch.cuda.memory_allocated() - start - plain_bytes
     table = offloaded.get_input_embeddings().weight
     host = offloaded.get_input_embeddings().__dict__[host_embedding._HOST_ATTR]
@@ -98,8 +79,8 @@ def test_cuda_offloaded_table_trains_and_generates_as_the_gpu_one(llama_dir, dty
     seed = random.randrange(1 << 30)
     for _ in range(2):
         ids = torch.randint(0, 500, (2, 77), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        loss, grads = _loss_and_grads(plain, ids)
-        loss_o, grads_o = _loss_and_grads(offloaded, ids)
+        loss, grads = loss_and_grads(plain, ids)
+        loss_o, grads_o = loss_and_grads(offloaded, ids)
         assert torch.equal(loss, loss_o) and grads.keys() == grads_o.keys()
         assert all(torch.equal(grads[k], grads_o[k]) for k in grads)
         seed += 1

@@ -14,6 +14,7 @@ import torch
 from loraforge import FastLanguageModel, testing
 from loraforge.models import weight_streaming
 from loraforge.models.base_weight import dense_weight, layer_weight, packed_codes
+from tests.models._lora_runs import load_with_adapters, loss_and_grads
 
 LAYERS = 5
 
@@ -26,29 +27,11 @@ def model_dirs(tmp_path_factory):
 
 
 def load(path, stream, device_map="auto", dtype=torch.float32, checkpointing="unsloth", peft=True):
-    model, tokenizer = FastLanguageModel.from_pretrained(path, dtype=dtype, load_in_4bit=True, device_map=device_map,
-                                                         stream_base_weights=stream)  # fmt: skip
-    if peft:
-        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
-                                                 use_gradient_checkpointing=checkpointing)  # fmt: skip
-        g = torch.Generator().manual_seed(11)
-        for name, param in model.named_parameters():  # adapters that change the output
-            if "lora_B" in name:
-                param.data = (torch.randn(param.shape, generator=g) * 0.05).to(param.device, param.dtype)
-    return model, tokenizer
+    return load_with_adapters(path, dtype, checkpointing, peft, device_map=device_map, stream_base_weights=stream)
 
 
 def linear4bit_modules(model):
     return [m for m in model.modules() if weight_streaming._streamable(m)]
-
-
-def loss_and_grads(model, ids):
-    model.train()
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
 
 
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2"))

@@ -48,9 +48,14 @@ def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return view.view(host.dtype)
 
 
-def _input_embedding(model: torch.nn.Module) -> torch.nn.Module:
+def _embedding_of(model: torch.nn.Module):
+    """model.get_input_embeddings(), or None where the model has no such method."""
     get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
+    return get() if callable(get) else None
+
+
+def _input_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    embedding = _embedding_of(model)
     if not isinstance(embedding, torch.nn.Embedding):
         raise TypeError("offload_embedding needs a model whose get_input_embeddings() is a torch.nn.Embedding, "
                          f"got {type(embedding).__name__}")  # fmt: skip
@@ -59,9 +64,7 @@ def _input_embedding(model: torch.nn.Module) -> torch.nn.Module:
 
 def is_offloaded(model: torch.nn.Module) -> bool:
     """Whether `model`'s input embedding table lives in host memory (offload_input_embeddings)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    return _reads_host_table(embedding)
+    return _reads_host_table(_embedding_of(model))
 
 
 def _reads_host_table(embedding) -> bool:

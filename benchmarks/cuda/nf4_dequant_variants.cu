@@ -132,6 +132,71 @@ float time_wide(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** ou
   return time_launches(launch, reps);
 }
 
+// Barrier-free: the shipped kernel's blocks are small (256 threads x 2 chunks = 4,096 elements, 14,336
+// blocks at 14336x4096), and each first copies the 16 levels and the 256-entry code2 into shared memory
+// behind a __syncthreads. Here no block-wide barrier and no code2 copy: code2[q] is read through the
+// read-only cache, once per chunk, and the levels either sit in a per-warp shared copy (lanes 0-15
+// write it, __syncwarp) or in lanes 0-15's registers, read with a warp shuffle. Same arithmetic, so
+// the same bytes. Chunks past the end are clamped for the loads (every lane must take part in the
+// shuffles) and not stored. bf16, nested absmax, n a multiple of 8 (the shapes here).
+template <int Threads, int Unroll, bool Shuffle>
+__global__ void __launch_bounds__(Threads)
+    barrier_free_kernel(const unsigned char* __restrict__ packed, nf4::AbsmaxSource source, long long n,
+                        BlockShifts shifts, __nv_bfloat16* __restrict__ out) {
+  __shared__ float warp_levels[Shuffle ? 1 : Threads / 32][16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long full_chunks = n / 8;
+  const long long tile = static_cast<long long>(blockIdx.x) * Threads * Unroll;
+  unsigned int bytes[Unroll];
+  float scale2[Unroll];
+  unsigned char q[Unroll];
+#pragma unroll
+  for (int k = 0; k < Unroll; ++k) {
+    const long long chunk = min(tile + k * Threads + threadIdx.x, full_chunks - 1);
+    bytes[k] = __ldg(reinterpret_cast<const unsigned int*>(packed) + chunk);
+    const long long block = (chunk * 8) >> shifts.block_shift;
+    q[k] = __ldg(source.qabsmax + block);
+    scale2[k] = __ldg(source.absmax2 + (block >> shifts.block2_shift));
+  }
+  const float offset = __ldg(source.offset);
+  const float my_level = nf4::kLevels[lane & 15];
+  if constexpr (!Shuffle) {
+    if (lane < 16) warp_levels[warp][lane] = my_level;
+    __syncwarp();
+  }
+  auto level = [&](unsigned int index) {
+    if constexpr (Shuffle) {
+      return __shfl_sync(0xffffffffu, my_level, static_cast<int>(index));
+    } else {
+      return warp_levels[warp][index];
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < Unroll; ++k) {
+    const float scale = __fadd_rn(__fmul_rn(__ldg(source.code2 + q[k]), scale2[k]), offset);
+    unsigned int words[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const unsigned int byte = (bytes[k] >> (8 * b)) & 0xffu;
+      words[b] = Convert<__nv_bfloat16>::pack2(__fmul_rn(level(byte >> 4), scale), __fmul_rn(level(byte & 15), scale));
+    }
+    const long long chunk = tile + k * Threads + threadIdx.x;
+    if (chunk < full_chunks) reinterpret_cast<uint4*>(out)[chunk] = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+template <int Threads, int Unroll, bool Shuffle>
+float time_barrier_free(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
+  const long long per_block = (long long)Threads * Unroll * 8;
+  const unsigned int grid = (unsigned int)((n + per_block - 1) / per_block);
+  const BlockShifts shifts{6, 8};
+  auto launch = [&](int i) {
+    const Inputs& in = sets[i % kSets];
+    barrier_free_kernel<Threads, Unroll, Shuffle><<<grid, Threads>>>(in.packed, in.source, n, shifts, outs[i % kSets]);
+  };
+  return time_launches(launch, reps);
+}
+
 int main() {
   const long long shapes[][2] = {{14336, 4096}, {4096, 4096}, {128256, 4096}};
   // Copy ceiling: 2 GiB device-to-device, bytes read + written.
@@ -233,6 +298,13 @@ int main() {
     report("wide 8B loads 256", time_wide<256, 2, false>(sets, n, outs, reps));
     report("wide 8B staged 256", time_wide<256, 2, true>(sets, n, outs, reps));
     report("threads 256 unroll 2 (again)", time_variant<256, 2, false>(sets, n, outs, reps));
+    report("no barrier, warp levels 256/2", time_barrier_free<256, 2, false>(sets, n, outs, reps));
+    report("no barrier, warp levels 256/4", time_barrier_free<256, 4, false>(sets, n, outs, reps));
+    report("no barrier, warp levels 512/2", time_barrier_free<512, 2, false>(sets, n, outs, reps));
+    report("no barrier, shuffles 256/2", time_barrier_free<256, 2, true>(sets, n, outs, reps));
+    report("no barrier, shuffles 256/4", time_barrier_free<256, 4, true>(sets, n, outs, reps));
+    report("no barrier, shuffles 128/4", time_barrier_free<128, 4, true>(sets, n, outs, reps));
+    report("threads 256 unroll 2 (last)", time_variant<256, 2, false>(sets, n, outs, reps));
     for (int s = 0; s < kSets; ++s) {
       cudaFree(sets[s].packed);
       cudaFree(sets[s].qabsmax);

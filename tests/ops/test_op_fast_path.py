@@ -127,3 +127,21 @@ def test_compile_sees_the_op_as_one_node():
 def test_attributes_pass_through_to_the_packet():
     assert rope_ops.rope.default is torch.ops.loraforge.rope.default
     torch.library.opcheck(rope_ops.rope.default, _rope_case(torch.Generator().manual_seed(4))[1])
+
+
+def test_only_plain_cpu_or_cuda_tensors_of_one_device_type_skip_the_dispatcher():
+    from loraforge.ops._library import _eager_plain_device
+
+    cpu, meta = torch.zeros(3), torch.zeros(3, device="meta")
+    assert _eager_plain_device((cpu, 1.0, "s", cpu)) == "cpu"
+    assert _eager_plain_device((meta,)) is None  # another device type: the dispatcher (its fake kernel)
+    assert _eager_plain_device((cpu, meta)) is None
+    assert _eager_plain_device((torch.nn.Parameter(cpu), cpu)) == "cpu"
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert _eager_plain_device((cpu.as_subclass(Subclass),)) is None
+    op, args, _ = _glu_case(torch.Generator().manual_seed(5))
+    on_meta = op(*(a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    assert on_meta.device.type == "meta" and on_meta.shape == args[0].shape

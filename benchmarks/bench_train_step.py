@@ -162,11 +162,21 @@ def _allocator_counts() -> dict:
     blocks first). Differences over the timed steps say whether a change made the allocator go to the
     driver during the step, where it stalls the host."""
     stats = torch.cuda.memory_stats()
-    return {"mallocs": stats.get("segment.all.allocated", 0), "frees": stats.get("segment.all.freed", 0),
-            "retries": stats.get("num_alloc_retries", 0)}  # fmt: skip
+    counts = {"mallocs": stats.get("segment.all.allocated", 0), "frees": stats.get("segment.all.freed", 0),
+              "retries": stats.get("num_alloc_retries", 0)}  # fmt: skip
+    # The pinned host allocator's too (offloaded activations live there): a new pinned block is a
+    # cudaHostAlloc, milliseconds for a layer-sized one. It grows when the blocks it has are still in use
+    # by copies the device has not run yet, so how far the host runs ahead changes it.
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    counts["host_mallocs"] = host.get("num_host_alloc", 0)
+    counts["host_alloc_ms"] = host.get("host_alloc_time.total", 0) / 1e3  # (reported in microseconds)
+    return counts
 
 
-_NO_COUNTS = {"mallocs": "?", "frees": "?", "retries": "?"}
+def _allocator_note(counts: dict | None) -> str:
+    c = {"mallocs": "?", "frees": "?", "retries": "?", "host_mallocs": "?", "host_alloc_ms": 0.0, **(counts or {})}
+    return (f"{c['mallocs']} segment allocations, {c['frees']} frees, {c['retries']} retries, "
+            f"{c['host_mallocs']} pinned host blocks ({c['host_alloc_ms']:.1f} ms)")  # fmt: skip
 
 
 def _step_spread(step_ms) -> str:
@@ -258,8 +268,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    # Four: the caching allocators (device, and pinned host for the offloaded activations) still grew
+    # during the timed steps after two (26 segments at 5b14231, H100).
+    parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="also profile one step per variant "
@@ -330,8 +342,8 @@ def main() -> None:
                              f"warmup steps {r['steady_peak_gib']:.2f}; loading "
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
-                             "fused AdamW; allocator over the timed steps: {mallocs} segment allocations, {frees} "
-                             "frees, {retries} retries; host {cpu}".format(cpu=cpu, **r.get("allocator", _NO_COUNTS))
+                             f"fused AdamW; allocator over the timed steps: {_allocator_note(r.get('allocator'))}; "
+                             f"host {cpu}"
                              + _step_spread(r.get("step_ms")) + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)

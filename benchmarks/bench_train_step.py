@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -173,6 +174,32 @@ def _allocator_counts() -> dict:
     return counts
 
 
+class _CollectorWatch:
+    """Python's cyclic garbage collections while it is on (gc.callbacks): per generation, how many and
+    their total time. A full (generation 2) collection walks every tracked object, ~0.5 M of them with an
+    8B model loaded, and would stall the host for tens of ms at a random step."""
+
+    def __init__(self):
+        self.counts, self.ms, self._start = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.counts[info["generation"]] += 1
+            self.ms[info["generation"]] += 1e3 * (time.perf_counter() - self._start)
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def note(self) -> str:
+        return ", ".join(f"gen{g} {n} ({ms:.1f} ms)" for g, (n, ms) in enumerate(zip(self.counts, self.ms)))
+
+
 def _allocator_note(counts: dict | None) -> str:
     c = {"mallocs": "?", "frees": "?", "retries": "?", "host_mallocs": "?", "host_alloc_ms": 0.0, **(counts or {})}
     return (f"{c['mallocs']} segment allocations, {c['frees']} frees, {c['retries']} retries, "
@@ -226,17 +253,18 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     warmup_peak = torch.cuda.max_memory_allocated() / 2**30  # the first steps included: what a run must fit
     torch.cuda.reset_peak_memory_stats()
     allocator_before = _allocator_counts()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    with _CollectorWatch() as collector:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     steady_peak = torch.cuda.max_memory_allocated() / 2**30
     allocator = {k: v - allocator_before[k] for k, v in _allocator_counts().items()}
     result = {"tokens_per_s": batch * seq * steps / elapsed, "peak_gib": max(warmup_peak, steady_peak),
               "steady_peak_gib": steady_peak, "allocator": allocator,
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
-              "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses],
+              "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses], "gc": collector.note(),
               # Each timed step's period (from the previous step's loss to its own): an erratic host shows here.
               "step_ms": [round(1e3 * (b - a), 1) for a, b in zip(marks[warmup - 1 :], marks[warmup:])] if warmup else []}  # fmt: skip
     if profile:  # after the timed steps, so it cannot disturb them
@@ -343,7 +371,7 @@ def main() -> None:
                              f"{r['load_peak_gib']:.2f}), loss "
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              f"fused AdamW; allocator over the timed steps: {_allocator_note(r.get('allocator'))}; "
-                             f"host {cpu}"
+                             f"garbage collections over them: {r.get('gc', '?')}; host {cpu}"
                              + _step_spread(r.get("step_ms")) + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)

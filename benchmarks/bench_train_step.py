@@ -230,6 +230,9 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     torch.cuda.reset_peak_memory_stats()
     model = load(impl, folder, seq)
     load_peak = torch.cuda.max_memory_allocated() / 2**30
+    if os.environ.get("LORAFORGE_GC_FREEZE") == "1":  # experiment: leave what loading made out of full collections
+        gc.collect()
+        gc.freeze()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)  # the Trainer's default, adamw_torch_fused

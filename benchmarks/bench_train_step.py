@@ -359,7 +359,7 @@ def main() -> None:
     ours = results.get("loraforge", {}).get("tokens_per_s")
     # Switches that change loraforge's path (LORAFORGE_LAYER_SPLIT=0, ...) go into the row, so that runs
     # made to attribute a change stay distinguishable in the CSV.
-    settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("LORAFORGE_")
+    settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("LORAFORGE_", "PYTORCH_CUDA_ALLOC_CONF"))
                        and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL",
                                      "LORAFORGE_GPU_TEST_FILES", "LORAFORGE_PROFILE"))  # fmt: skip
     cpu = _host_cpu()

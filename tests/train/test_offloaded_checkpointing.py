@@ -4,6 +4,8 @@ same gradients as no checkpointing."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -190,3 +192,35 @@ def test_a_layer_kept_out_of_the_checkpoint_drains_the_copies_first(monkeypatch,
     assert torch.equal(out, kept(x))
     assert [item.done.waited for item in items] == [drain, drain, False]
     assert len(hooks.in_flight) == (1 if drain else 3)
+
+
+class _DoneEvent(_FakeEvent):
+    def query(self):  # the copy is seen complete
+        return True
+
+
+@pytest.mark.parametrize("reap_done", (True, False))
+def test_released_copies_do_not_depend_on_how_far_the_gpu_has_got(monkeypatch, no_cuda_streams, reap_done):
+    """REAP_DONE (the default) releases the GPU tensor of every copy seen complete but the newest; off, none
+    is released by what the GPU has done: the same MAX_IN_FLIGHT stay in every step, and backward's first
+    restore releases all but the newest, with the compute stream waiting for their copies."""
+    monkeypatch.setattr(oc, "REAP_DONE", reap_done)
+    hooks = oc._OffloadHooks()
+    items = _fake_items(3)
+    for item in items:
+        item.done = _DoneEvent()
+    hooks.in_flight = list(items)
+    hooks._reap()
+    if reap_done:
+        assert hooks.in_flight == [items[-1]] and items[0].gpu is None and items[1].gpu is None
+    else:
+        assert hooks.in_flight == items and all(item.gpu is not None for item in items)
+        restored = torch.ones(2)
+        packed = types.SimpleNamespace()
+        monkeypatch.setattr(oc, "_Offloaded", types.SimpleNamespace)  # (unpack restores only its own items)
+        packed.restore = lambda side: restored
+        packed.device = torch.device("cuda", 0)
+        hooks.streams[packed.device] = None
+        assert hooks.unpack(packed) is restored
+        assert hooks.in_flight == [items[-1]] and items[0].gpu is None and items[1].gpu is None
+        assert items[0].done.waited and items[1].done.waited and not items[2].done.waited

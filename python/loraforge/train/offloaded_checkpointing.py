@@ -63,6 +63,12 @@ DRAIN_BEFORE_KEPT = os.environ.get("LORAFORGE_OFFLOAD_DRAIN_BEFORE_KEPT", "1") !
 # then ran at the host's pace where the host is slower than the GPU (an H100 host of 2026-12-07 whose steps
 # spread over 363-430 ms, where another gave 328-349 ms). LORAFORGE_OFFLOAD_HOST_WAIT=1 waits on the host.
 HOST_WAIT = os.environ.get("LORAFORGE_OFFLOAD_HOST_WAIT", "0") == "1"
+# Experiment, off by default: LORAFORGE_OFFLOAD_REAP_DONE=0 stops releasing GPU tensors whose copy has been
+# seen complete (`event.query()`, which depends on how far the GPU has got): exactly MAX_IN_FLIGHT then stay
+# alive in the forward, and every release happens at the same point of the host's program in every step, so
+# the caching allocator sees the same sequence of allocations and frees each step. With the query it did
+# not, and new segments were still being allocated after the warmup steps (26 in 5 steps, H100, 5b14231).
+REAP_DONE = os.environ.get("LORAFORGE_OFFLOAD_REAP_DONE", "1") != "0"
 
 
 class _Offloaded:
@@ -140,7 +146,7 @@ class _OffloadHooks:
                 continue
             if item is newest:  # backward asks for it first: its GPU copy is kept until another is saved
                 pending.append(item)
-            elif item.done.query():
+            elif REAP_DONE and item.done.query():
                 item.gpu = None
             else:
                 pending.append(item)
@@ -184,7 +190,11 @@ class _OffloadHooks:
     def unpack(self, packed):
         if not isinstance(packed, _Offloaded):
             return packed
-        self._reap()  # the forward's last copies are done by now: their GPU tensors go before backward's
+        # The forward's last copies are done by now: their GPU tensors go before backward's working sets.
+        if REAP_DONE:
+            self._reap()
+        else:
+            self.drain()
         return packed.restore(self.streams[packed.device])
 
 

@@ -34,9 +34,11 @@ def _grads(blocks, x, checkpoint_fn):
 
 
 @pytest.mark.gpu
-def test_offloaded_layers_prefetch_and_match_plain_gradients(seed):
+@pytest.mark.parametrize("prefetch_on_compute", (False, True))
+def test_offloaded_layers_prefetch_and_match_plain_gradients(seed, monkeypatch, prefetch_on_compute):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(oc, "PREFETCH_ON_COMPUTE", prefetch_on_compute)
     torch.manual_seed(seed)
     width, tokens, layers = 96, 4099, 6  # 4099 x 96 fp32 = 1.5 MiB per layer input: offloaded
     blocks = [Block(width).cuda() for _ in range(layers)]
@@ -224,3 +226,28 @@ def test_released_copies_do_not_depend_on_how_far_the_gpu_has_got(monkeypatch, n
         assert hooks.unpack(packed) is restored
         assert hooks.in_flight == [items[-1]] and items[0].gpu is None and items[1].gpu is None
         assert items[0].done.waited and items[1].done.waited and not items[2].done.waited
+
+
+@pytest.mark.gpu
+def test_cuda_a_prefetch_dropped_unrestored_does_not_write_into_a_reused_block(monkeypatch):
+    """PREFETCH_ON_COMPUTE: the prefetched tensor's block is the compute stream's; dropped before its
+    restore, the block can be handed out again at once, and the copy still in flight must not land in
+    the new tensor (the dropped item makes the compute stream wait for it)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(oc, "PREFETCH_ON_COMPUTE", True)
+    numel = 64 << 20  # 256 MB of fp32: ~5 ms over PCIe, far longer than queueing the fill below
+    side = torch.cuda.Stream()
+    source = torch.full((numel,), 1.0, device="cuda")
+    item = oc._Offloaded(source, side, None)
+    torch.cuda.synchronize()
+    item.gpu = None
+    del source
+    item.prefetch(side)
+    address = item.fetched.data_ptr()
+    del item  # the prefetch is still copying
+    reused = torch.empty(numel, device="cuda")
+    assert reused.data_ptr() == address  # the same block (the test would prove nothing otherwise)
+    reused.fill_(2.0)
+    torch.cuda.synchronize()
+    assert bool((reused == 2.0).all())

@@ -69,6 +69,16 @@ HOST_WAIT = os.environ.get("LORAFORGE_OFFLOAD_HOST_WAIT", "0") == "1"
 # the caching allocator sees the same sequence of allocations and frees each step. With the query it did
 # not, and new segments were still being allocated after the warmup steps (26 in 5 steps, H100, 5b14231).
 REAP_DONE = os.environ.get("LORAFORGE_OFFLOAD_REAP_DONE", "1") != "0"
+# Experiment, off by default: LORAFORGE_OFFLOAD_PREFETCH_ON_COMPUTE=1 takes a prefetched tensor's block from
+# the compute stream's pool instead of the side stream's. The side stream's block is read by the compute
+# stream, so it is handed over with record_stream, and when freed it goes back to the pool only once the
+# allocator sees an event recorded at the free complete: the further the host is ahead of the GPU, the more
+# such blocks are pending and the more new segments a prefetch needs (the allocator still grew during the
+# timed steps, and more so once the host was allowed to run ahead: 26 new segments against 2 with the host
+# wait, H100, 5b14231). A compute-stream block is reused in stream order with nothing to poll; the side
+# stream then must not write it before the compute stream's work queued so far, which may still read the
+# block's previous tensor, is done (it waits for the compute stream first).
+PREFETCH_ON_COMPUTE = os.environ.get("LORAFORGE_OFFLOAD_PREFETCH_ON_COMPUTE", "0") == "1"
 
 
 class _Offloaded:
@@ -96,11 +106,28 @@ class _Offloaded:
             return
         compute = current_stream(self.device)
         side.wait_event(self.done)
+        if PREFETCH_ON_COMPUTE:
+            fetched = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # (compute's pool)
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                fetched.copy_(self.host, non_blocking=True)
+                self.fetched_event = torch.cuda.Event()
+                self.fetched_event.record(side)
+            self.fetched = fetched
+            return
         with torch.cuda.stream(side):
             self.fetched = self.host.to(self.device, non_blocking=True)
             self.fetched_event = torch.cuda.Event()
             self.fetched_event.record(side)
         self.fetched.record_stream(compute)
+
+    def __del__(self):
+        # A prefetched tensor from the compute stream's pool that is dropped unrestored (a backward that
+        # raised, a graph freed unused): its block may be reused on the compute stream at once, so the
+        # compute stream first waits for the copy still writing it.
+        if PREFETCH_ON_COMPUTE and self.fetched is not None and self.fetched_event is not None:
+            with contextlib.suppress(Exception):  # (at interpreter shutdown: nothing will reuse the block)
+                current_stream(self.device).wait_event(self.fetched_event)
 
     def restore(self, side: torch.cuda.Stream) -> torch.Tensor:
         compute = current_stream(self.device)

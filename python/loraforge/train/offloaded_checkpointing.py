@@ -125,7 +125,8 @@ class _Offloaded:
         # A prefetched tensor from the compute stream's pool that is dropped unrestored (a backward that
         # raised, a graph freed unused): its block may be reused on the compute stream at once, so the
         # compute stream first waits for the copy still writing it.
-        if PREFETCH_ON_COMPUTE and self.fetched is not None and self.fetched_event is not None:
+        # (getattr: an __init__ that raised leaves the slots unset)
+        if PREFETCH_ON_COMPUTE and getattr(self, "fetched", None) is not None and self.fetched_event is not None:
             with contextlib.suppress(Exception):  # (at interpreter shutdown: nothing will reuse the block)
                 current_stream(self.device).wait_event(self.fetched_event)
 

@@ -211,6 +211,15 @@ def _step_spread(step_ms) -> str:
     return f"; steps {min(step_ms):.1f}-{max(step_ms):.1f} ms" if step_ms else ""
 
 
+def _host_phases(phases) -> str:
+    """'; host per step (median ms): forward 150.2, backward 120.3, optimizer 1.1, then waited 70.4' for the note:
+    how long the host took to issue each part of a step, and how long it then waited for the GPU to finish."""
+    if not phases:
+        return ""
+    medians = [sorted(column)[len(column) // 2] for column in zip(*phases)]
+    return "; host per step (median ms): forward {:.1f}, backward {:.1f}, optimizer {:.1f}, then waited {:.1f}".format(*medians)
+
+
 def _host_cpu() -> str:
     """The host CPU's model name (machines lent as the same GPU kind differ in it)."""
     try:
@@ -242,13 +251,20 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
     torch.cuda.reset_peak_memory_stats()
     losses, marks = [], []
 
+    phases = []  # per step: host ms issuing the forward, the backward, the optimizer; then ms waiting for the GPU
+
     def step():
+        t0 = time.perf_counter()
         loss = model(input_ids=input_ids, labels=input_ids).loss
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # (waits for this step's forward: consecutive marks are one step apart)
+        t3 = time.perf_counter()
+        losses.append(loss.item())  # (waits for the whole step: consecutive marks are one step apart)
         marks.append(time.perf_counter())
+        phases.append((t1 - t0, t2 - t1, t3 - t2, marks[-1] - t3))
 
     for _ in range(warmup):
         step()
@@ -269,7 +285,10 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
               "load_peak_gib": load_peak, "losses": [round(x, 4) for x in losses], "gc": collector.note(),
               # Each timed step's period (from the previous step's loss to its own): an erratic host shows here.
-              "step_ms": [round(1e3 * (b - a), 1) for a, b in zip(marks[warmup - 1 :], marks[warmup:])] if warmup else []}  # fmt: skip
+              "step_ms": [round(1e3 * (b - a), 1) for a, b in zip(marks[warmup - 1 :], marks[warmup:])] if warmup else [],
+              # Per timed step, host ms spent issuing the forward / backward / optimizer, then waiting for the
+              # GPU to finish the step: a wait near 0 means the GPU waited for the host instead.
+              "host_phases_ms": [[round(1e3 * t, 1) for t in p] for p in phases[warmup:]]}  # fmt: skip
     if profile:  # after the timed steps, so it cannot disturb them
         from benchmarks.profile_train_step import profile_step
 
@@ -375,7 +394,7 @@ def main() -> None:
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              f"fused AdamW; allocator over the timed steps: {_allocator_note(r.get('allocator'))}; "
                              f"garbage collections over them: {r.get('gc', '?')}; host {cpu}"
-                             + _step_spread(r.get("step_ms")) + settings})  # fmt: skip
+                             + _step_spread(r.get("step_ms")) + _host_phases(r.get("host_phases_ms")) + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)
 

@@ -77,7 +77,10 @@ REAP_DONE = os.environ.get("LORAFORGE_OFFLOAD_REAP_DONE", "1") != "0"
 # timed steps, and more so once the host was allowed to run ahead: 26 new segments against 2 with the host
 # wait, H100, 5b14231). A compute-stream block is reused in stream order with nothing to poll; the side
 # stream then must not write it before the compute stream's work queued so far, which may still read the
-# block's previous tensor, is done (it waits for the compute stream first).
+# block's previous tensor, is done (it waits for the compute stream first). The price: a copy back can then
+# start only once the GPU reaches the layer whose restore issued it, one layer before it is needed, where a
+# side-stream block let it start as soon as the side stream was free (a layer's inputs and kept products are
+# ~150 MB of an 8B model at 4k tokens: ~3 ms at 55 GB/s, against ~4 ms of that layer's backward).
 PREFETCH_ON_COMPUTE = os.environ.get("LORAFORGE_OFFLOAD_PREFETCH_ON_COMPUTE", "0") == "1"
 
 

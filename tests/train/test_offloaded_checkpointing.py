@@ -251,3 +251,32 @@ def test_cuda_a_prefetch_dropped_unrestored_does_not_write_into_a_reused_block(m
     reused.fill_(2.0)
     torch.cuda.synchronize()
     assert bool((reused == 2.0).all())
+
+
+@pytest.mark.parametrize("depth", (1, 2, 5))
+def test_a_restore_prefetches_depth_links_down_the_chain(monkeypatch, depth):
+    """Each restore starts the copies back of the items it links to (prev and then), and with
+    PREFETCH_DEPTH > 1 of those linked from prev, down the chain; an item's copy is started once."""
+    import weakref
+
+    monkeypatch.setattr(oc, "PREFETCH_DEPTH", depth)
+    started = []
+    monkeypatch.setattr(oc._Offloaded, "prefetch", lambda self, side: started.append(self))
+
+    def item(prev):
+        new = object.__new__(oc._Offloaded)
+        new.prev, new.then, new.fetched, new.fetched_event = (weakref.ref(prev) if prev else None), (), None, None
+        return new
+
+    chain = [item(None)]
+    for _ in range(5):
+        chain.append(item(chain[-1]))  # chain[i].prev is chain[i - 1]: backward restores from the end
+    side_product = item(None)
+    chain[-2].then = (weakref.ref(side_product),)
+    chain[-1]._prefetch_ahead(side=None)
+    expected = [chain[-2]]  # level 1: what the restored item links to
+    for level in range(2, min(depth, 5) + 1):  # then what its prev links to, and so on down the chain
+        expected.append(chain[-1 - level])
+        if level == 2:
+            expected.append(side_product)  # (chain[-2]'s `then`, after its prev)
+    assert started == expected

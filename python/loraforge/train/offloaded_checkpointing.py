@@ -82,6 +82,11 @@ REAP_DONE = os.environ.get("LORAFORGE_OFFLOAD_REAP_DONE", "1") != "0"
 # side-stream block let it start as soon as the side stream was free (a layer's inputs and kept products are
 # ~150 MB of an 8B model at 4k tokens: ~3 ms at 55 GB/s, against ~4 ms of that layer's backward).
 PREFETCH_ON_COMPUTE = os.environ.get("LORAFORGE_OFFLOAD_PREFETCH_ON_COMPUTE", "0") == "1"
+# How many links down the chain a restore starts copies back (LORAFORGE_OFFLOAD_PREFETCH_DEPTH, default 1: the
+# next layer's). Experiment: 2 gives each copy two layers of backward to hide behind, for one more layer's
+# inputs and kept products on the GPU (~150 MB of an 8B model at 4k tokens), the complement of
+# PREFETCH_ON_COMPUTE, whose copies cannot start before the GPU reaches the issuing layer.
+PREFETCH_DEPTH = max(1, int(os.environ.get("LORAFORGE_OFFLOAD_PREFETCH_DEPTH", "1") or 1))
 
 
 class _Offloaded:
@@ -145,11 +150,21 @@ class _Offloaded:
             compute.wait_event(self.fetched_event)
             tensor = self.fetched
         self.gpu = self.fetched = None
-        for link in (self.prev, *self.then):
-            item = link() if link is not None else None
-            if item is not None:
-                item.prefetch(side)
+        self._prefetch_ahead(side)
         return tensor
+
+    def _prefetch_ahead(self, side: torch.cuda.Stream) -> None:
+        """Start the copies back of what backward asks for next: the items this one links to (prev, then)
+        and, PREFETCH_DEPTH levels down the prev chain, theirs (a copy already started is not redone)."""
+        item = self
+        for _ in range(PREFETCH_DEPTH):
+            for link in (item.prev, *item.then):
+                linked = link() if link is not None else None
+                if linked is not None:
+                    linked.prefetch(side)
+            item = item.prev() if item.prev is not None else None
+            if item is None:
+                return
 
 
 class _OffloadHooks:

@@ -4,7 +4,8 @@
 # (bench_train_step.py) beside Unsloth with the defaults, and once more per argument with that argument's
 # environment settings, each configuration in its own process. The random 8B checkpoint is written while
 # the build runs. Rows go to $OUT/train_step.csv, the LORAFORGE_* settings in their notes; the full log
-# to $OUT/bench.log. LORAFORGE_PROFILE=1 adds a profiled run of the defaults.
+# to $OUT/bench.log. LORAFORGE_PROFILE=1 adds a profiled run of the defaults, LORAFORGE_PHASES=1 their
+# memory_phases.py run (host against GPU time per phase).
 #   device run (carry .devkit):
 #     bash benchmarks/train_step_variants.sh "LORAFORGE_OFFLOAD_IN_FLIGHT=8" \
 #          "LORAFORGE_OFFLOAD_IN_FLIGHT=12" "LORAFORGE_NORM_INTO_WIDE=1"
@@ -40,5 +41,11 @@ for settings in "$@"; do
 done
 if [ "${LORAFORGE_PROFILE:-0}" = 1 ]; then
   bench "" 150 --impls loraforge --profile
+fi
+if [ "${LORAFORGE_PHASES:-0}" = 1 ]; then  # host against GPU time and memory per phase of the defaults' step
+  echo "== memory_phases ($SECONDS s)"
+  timeout 120 python3 benchmarks/memory_phases.py --impls loraforge --checkpoint "$CHECKPOINT" --out "$OUT" \
+    >"$OUT/phases.log" 2>&1
+  grep -A16 "per kind" "$OUT/phases.log" | head -20
 fi
 echo "done at $SECONDS s"

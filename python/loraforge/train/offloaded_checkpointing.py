@@ -90,7 +90,8 @@ PREFETCH_DEPTH = max(1, int(os.environ.get("LORAFORGE_OFFLOAD_PREFETCH_DEPTH", "
 
 
 class _Offloaded:
-    __slots__ = ("__weakref__", "device", "done", "fetched", "fetched_event", "gpu", "host", "prev", "then", "version")
+    __slots__ = ("__weakref__", "device", "done", "fetched", "fetched_event", "fetched_on", "gpu", "host", "prev", "then",
+                 "version")  # fmt: skip
 
     def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
         self.device = tensor.device
@@ -106,7 +107,7 @@ class _Offloaded:
         # keep its predecessors' host buffers alive); backward will ask for it next.
         self.prev = weakref.ref(prev) if prev is not None else None
         self.then = ()  # weak links to more items to prefetch after prev (kept products: _pack_split_layer)
-        self.fetched = self.fetched_event = None
+        self.fetched = self.fetched_event = self.fetched_on = None
 
     def prefetch(self, side: torch.cuda.Stream) -> None:
         """Start the copy back to the GPU on the side stream (once)."""
@@ -121,7 +122,7 @@ class _Offloaded:
                 fetched.copy_(self.host, non_blocking=True)
                 self.fetched_event = torch.cuda.Event()
                 self.fetched_event.record(side)
-            self.fetched = fetched
+            self.fetched, self.fetched_on = fetched, compute  # (the stream whose pool holds the block)
             return
         with torch.cuda.stream(side):
             self.fetched = self.host.to(self.device, non_blocking=True)
@@ -133,10 +134,12 @@ class _Offloaded:
         # A prefetched tensor from the compute stream's pool that is dropped unrestored (a backward that
         # raised, a graph freed unused): its block may be reused on the compute stream at once, so the
         # compute stream first waits for the copy still writing it.
-        # (getattr: an __init__ that raised leaves the slots unset)
-        if PREFETCH_ON_COMPUTE and getattr(self, "fetched", None) is not None and self.fetched_event is not None:
+        # (getattr: an __init__ that raised leaves the slots unset; the stream saved at the prefetch, not the
+        # current one, which may be another when the collector runs this)
+        fetched_on = getattr(self, "fetched_on", None)
+        if fetched_on is not None and self.fetched is not None:
             with contextlib.suppress(Exception):  # (at interpreter shutdown: nothing will reuse the block)
-                current_stream(self.device).wait_event(self.fetched_event)
+                fetched_on.wait_event(self.fetched_event)
 
     def restore(self, side: torch.cuda.Stream) -> torch.Tensor:
         compute = current_stream(self.device)

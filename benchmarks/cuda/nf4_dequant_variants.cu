@@ -120,16 +120,23 @@ __global__ void __launch_bounds__(Threads)
   }
 }
 
+// Microseconds per launch of a variant kernel taking (packed, source, n, shifts, out), on `grid` blocks.
+using VariantKernel = void (*)(const unsigned char*, nf4::AbsmaxSource, long long, BlockShifts, __nv_bfloat16*);
+float time_kernel(VariantKernel kernel, unsigned int grid, int threads, const std::vector<Inputs>& sets, long long n,
+                  __nv_bfloat16** outs, int reps) {
+  const BlockShifts shifts{6, 8};
+  auto launch = [&](int i) {
+    const Inputs& in = sets[i % kSets];
+    kernel<<<grid, threads>>>(in.packed, in.source, n, shifts, outs[i % kSets]);
+  };
+  return time_launches(launch, reps);
+}
+
 template <int Threads, int kWords, bool Staged>
 float time_wide(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
   const long long groups = n / (8 * kWords);
   const unsigned int grid = (unsigned int)((groups + Threads - 1) / Threads);
-  const BlockShifts shifts{6, 8};
-  auto launch = [&](int i) {
-    const Inputs& in = sets[i % kSets];
-    wide_dequantize_kernel<Threads, kWords, Staged><<<grid, Threads>>>(in.packed, in.source, n, shifts, outs[i % kSets]);
-  };
-  return time_launches(launch, reps);
+  return time_kernel(wide_dequantize_kernel<Threads, kWords, Staged>, grid, Threads, sets, n, outs, reps);
 }
 
 // Barrier-free: the shipped kernel's blocks are small (256 threads x 2 chunks = 4,096 elements, 14,336
@@ -189,12 +196,7 @@ template <int Threads, int Unroll, bool Shuffle>
 float time_barrier_free(const std::vector<Inputs>& sets, long long n, __nv_bfloat16** outs, int reps) {
   const long long per_block = (long long)Threads * Unroll * 8;
   const unsigned int grid = (unsigned int)((n + per_block - 1) / per_block);
-  const BlockShifts shifts{6, 8};
-  auto launch = [&](int i) {
-    const Inputs& in = sets[i % kSets];
-    barrier_free_kernel<Threads, Unroll, Shuffle><<<grid, Threads>>>(in.packed, in.source, n, shifts, outs[i % kSets]);
-  };
-  return time_launches(launch, reps);
+  return time_kernel(barrier_free_kernel<Threads, Unroll, Shuffle>, grid, Threads, sets, n, outs, reps);
 }
 
 // The traffic of a dequantization with no arithmetic: each thread reads one 32-bit word of packed bytes and

@@ -1,6 +1,6 @@
-"""A 4-bit tiny model with LoRA adapters that change its output, and one training step's loss and LoRA
-gradients: what the equality tests of loading options (streamed weights, the embedding in host memory)
-compare between the option on and off."""
+"""A 4-bit tiny model with LoRA adapters that change its output, one training step's loss and LoRA
+gradients, and a padded batch of prompts to generate from: what the equality tests of loading options
+(streamed weights, the embedding in host memory) compare between the option on and off."""
 
 import torch
 
@@ -29,3 +29,9 @@ def loss_and_grads(model, ids):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out.loss.detach(), grads
+
+
+def padded_prompts(tokenizer, device="cuda") -> dict:
+    """Two prompts of different lengths, padded into one batch on `device`, for greedy generation."""
+    batch = tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in batch.items()}

@@ -11,7 +11,7 @@ import torch
 
 from loraforge import FastLanguageModel, testing
 from loraforge.models import host_embedding
-from tests.models._lora_runs import load_with_adapters, loss_and_grads
+from tests.models._lora_runs import load_with_adapters, loss_and_grads, padded_prompts
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,7 @@ def test_cuda_offloaded_table_trains_and_generates_as_the_gpu_one(llama_dir, dty
         assert torch.equal(loss, loss_o) and grads.keys() == grads_o.keys()
         assert all(torch.equal(grads[k], grads_o[k]) for k in grads)
         seed += 1
-    batch = {
-        k: v.cuda() for k, v in tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True).items()
-    }
+    batch = padded_prompts(tokenizer)
     kwargs = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": None}
     for model in (plain, offloaded):
         FastLanguageModel.for_inference(model)

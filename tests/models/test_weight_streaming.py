@@ -14,7 +14,7 @@ import torch
 from loraforge import FastLanguageModel, testing
 from loraforge.models import weight_streaming
 from loraforge.models.base_weight import dense_weight, layer_weight, packed_codes
-from tests.models._lora_runs import load_with_adapters, loss_and_grads
+from tests.models._lora_runs import load_with_adapters, loss_and_grads, padded_prompts
 
 LAYERS = 5
 
@@ -224,7 +224,7 @@ def test_generation_equals_the_unstreamed_model(model_dirs):
 
     plain, tokenizer = load(model_dirs["gemma2"], False)
     streamed, _ = load(model_dirs["gemma2"], True)
-    batch = tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True)
+    batch = padded_prompts(tokenizer, device="cpu")
     for model in (plain, streamed):
         FastLanguageModel.for_inference(model)
     kwargs = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
@@ -340,9 +340,7 @@ def test_cuda_training_and_graph_decoding_equal_the_unstreamed_model(tmp_path, d
         loss, grads = loss_and_grads(plain, ids)
         loss_s, grads_s = loss_and_grads(streamed, ids)
         assert torch.equal(loss, loss_s) and all(torch.equal(grads[k], grads_s[k]) for k in grads)
-    batch = {
-        k: v.cuda() for k, v in tokenizer(["Tell me about rain.", "Hi"], return_tensors="pt", padding=True).items()
-    }
+    batch = padded_prompts(tokenizer)
     kwargs = {"max_new_tokens": 30, "do_sample": False, "eos_token_id": None}
     for model in (plain, streamed):
         FastLanguageModel.for_inference(model)

@@ -138,3 +138,61 @@ def test_torch_distributed_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     with pytest.raises(NotImplementedError, match="offload_embedding with torch.distributed"):
         host_embedding.offload_input_embeddings(model)
+
+
+@pytest.mark.gpu
+def test_cuda_the_freed_table_keeps_more_layers_out_of_the_checkpoint(tmp_path):
+    """With the table in host memory, the last layer's kept forward is measured in the first step, and from
+    the second on as many more layers run whole as the table's bytes pay for at the batch's tokens; the loss
+    and LoRA gradients stay those of the model whose table is on the GPU (every other layer checkpointed)."""
+    from loraforge.train import kept_layer_budget
+
+    path = testing.save_tiny_model(tmp_path / "wide", arch="llama", seed=3, vocab_size=2048, hidden_size=256,
+                                   intermediate_size=512, num_hidden_layers=5)  # fmt: skip
+    plain, _ = load_with_adapters(path, torch.float32, offload_embedding=False)
+    offloaded, _ = load_with_adapters(path, torch.float32, offload_embedding=True)
+    table_bytes = kept_layer_budget.table_bytes(offloaded)
+    assert table_bytes == 2048 * 256 * 4 and kept_layer_budget.table_bytes(plain) == 0
+    whole = []
+    run_kept = kept_layer_budget.run_kept
+
+    def recording(layer, tokens, function, args, kwargs):
+        whole.append(layer)
+        return run_kept(layer, tokens, function, args, kwargs)
+
+    # What the measured layer saves, counted by autograd's hooks: the allocator's figure must match it.
+    decoder = offloaded.base_model.model.model.layers
+    saved, inside = {}, [False]
+    decoder[-1].register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    decoder[-1].register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    parameters = {p.untyped_storage().data_ptr() for p in offloaded.parameters()}
+
+    def pack(t):
+        if inside[0] and t.untyped_storage().data_ptr() not in parameters:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator("cuda").manual_seed(random.randrange(1 << 30))
+    ids = torch.randint(0, 2000, (2, 96), device="cuda", generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_o, grads_o = loss_and_grads(offloaded, ids)
+    per_token = kept_layer_budget.bytes_per_token(offloaded)
+    assert per_token == pytest.approx(sum(saved.values()) / ids.numel(), rel=0.25)
+    loss, grads = loss_and_grads(plain, ids)
+    torch.testing.assert_close(loss_o, loss)
+    for n_tokens in (2 * 96, 9):
+        ids = torch.randint(0, 2000, (1, n_tokens), device="cuda", generator=g)
+        per_token = kept_layer_budget.bytes_per_token(offloaded)  # (the largest so far)
+        expected_extra = min(4, table_bytes // (per_token * n_tokens))  # (5 layers: the last one fixed)
+        whole.clear()
+        kept_layer_budget.run_kept = recording
+        try:
+            loss_o, grads_o = loss_and_grads(offloaded, ids)
+        finally:
+            kept_layer_budget.run_kept = run_kept
+        assert len(whole) == 1 + expected_extra and whole[-1] is decoder[-1]
+        loss, grads = loss_and_grads(plain, ids)
+        torch.testing.assert_close(loss_o, loss)
+        assert grads.keys() == grads_o.keys()
+        for k in grads:
+            torch.testing.assert_close(grads_o[k], grads[k], rtol=1e-4, atol=1e-6)

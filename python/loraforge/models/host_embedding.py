@@ -8,9 +8,9 @@ address space at the same address), so a CUDA tensor over that address lets torc
 gather the rows over PCIe, inside the stream's order: no host synchronisation, no copy of the table, no
 kernel of ours. The price is the rows' bytes over PCIe once a forward (32 MiB; ~0.6 ms at the 55 GB/s the
 H100 machine's pinned copies reach, if the gather's reads stream as well: not yet timed on its own). The
-freed GPU memory (0.97 GiB measured on the 8B step) can keep more layers out of the checkpoint
-(LORAFORGE_KEEP_LAST_LAYERS=3 fits under the unoffloaded peak: 6.80 against 6.85 GiB); what that buys in
-speed is still to measure on a host whose step times hold steady (benchmarks/results/train_step_limits.md).
+freed GPU memory (0.97 GiB measured on the 8B step) keeps more layers out of the checkpoint, as many as it
+pays for at each batch's tokens (train/kept_layer_budget.py; 3 layers at 2 x 2,048 tokens of the 8B model:
+330.1 against 344.5 ms a step, 6.80 against 6.85 GiB, H100, benchmarks/results/train_step_limits.md).
 
 Only a frozen table not tied to the output head: the head reads all of it at every step, and a trained
 table needs its gradient on the GPU. `restore_input_embeddings(model)` puts the table back on the GPU.
@@ -65,6 +65,15 @@ def _input_embedding(model: torch.nn.Module) -> torch.nn.Module:
 def is_offloaded(model: torch.nn.Module) -> bool:
     """Whether `model`'s input embedding table lives in host memory (offload_input_embeddings)."""
     return _reads_host_table(_embedding_of(model))
+
+
+def offloaded_table_bytes(model: torch.nn.Module) -> int:
+    """The bytes of `model`'s input embedding table that live in host memory instead of on the GPU (0 where it
+    is not offloaded): the room train/kept_layer_budget.py spends on layers kept out of the checkpoint."""
+    embedding = _embedding_of(model)
+    if not _reads_host_table(embedding):
+        return 0
+    return embedding.weight.numel() * embedding.weight.element_size()
 
 
 def _reads_host_table(embedding) -> bool:

@@ -42,7 +42,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from loraforge._native import current_stream
-from loraforge.train import layer_split
+from loraforge.train import kept_layer_budget, layer_split
 
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
 
@@ -531,17 +531,22 @@ def _tokens(args) -> int:
     return hidden.shape[:-1].numel() if hidden is not None and hidden.dim() >= 2 else 0
 
 
-def _keeps_whole(function, args) -> bool:
-    """Whether this call of a layer runs without a checkpoint (KEEP_LAST_LAYERS, KEEP_LAST_MAX_TOKENS)."""
-    return _layer_of(function) in _KEPT_LAYERS and 0 < _tokens(args) <= KEEP_LAST_MAX_TOKENS
+def _keeps_whole(layer, tokens: int) -> bool:
+    """Whether this call of a layer runs without a checkpoint: one of the last KEEP_LAST_LAYERS, or an extra
+    one that the embedding table's freed memory pays for (kept_layer_budget), at most KEEP_LAST_MAX_TOKENS."""
+    if not 0 < tokens <= KEEP_LAST_MAX_TOKENS:
+        return False
+    return layer in _KEPT_LAYERS or kept_layer_budget.keeps_extra(layer, tokens)
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
     """A drop-in for transformers' `_gradient_checkpointing_func`."""
-    if _KEPT_LAYERS and _keeps_whole(function, args):
-        if DRAIN_BEFORE_KEPT and _HOOKS.in_flight:
-            _HOOKS.drain()
-        return function(*args, **kwargs)
+    if _KEPT_LAYERS:
+        layer, tokens = _layer_of(function), _tokens(args)
+        if _keeps_whole(layer, tokens):
+            if DRAIN_BEFORE_KEPT and _HOOKS.in_flight:
+                _HOOKS.drain()
+            return kept_layer_budget.run_kept(layer, tokens, function, args, kwargs)
     if _lean_path_applies(function, args):
         return _CheckpointedLayer.apply(function, True, _uses_dropout(_layer_of(function)), _ANCHOR, *args)
     kwargs.setdefault("use_reentrant", False)
@@ -570,6 +575,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode) -> None:
         layers = decoder_layers(model)
         if KEEP_LAST_LAYERS > 0:
             _KEPT_LAYERS.update(layers[-KEEP_LAST_LAYERS:])
+            kept_layer_budget.register(model, layers, KEEP_LAST_LAYERS)
         for kind, every in (("gate_up", GATE_UP_EVERY), ("qkv", QKV_EVERY), ("attention", ATTENTION_EVERY)):
             for layer in layers[: len(layers) - 1 : every] if every > 0 else ():
                 _KEPT_PRODUCTS[layer] = _KEPT_PRODUCTS.get(layer, frozenset()) | {kind}

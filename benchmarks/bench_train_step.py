@@ -138,8 +138,9 @@ def load(impl: str, folder: str, seq: int):
         stream = os.environ.get("LORAFORGE_STREAM_BASE_WEIGHTS", "0") == "1"
         if os.environ.get("LORAFORGE_STREAM_LAYERS"):
             stream = int(os.environ["LORAFORGE_STREAM_LAYERS"])
-        # LORAFORGE_OFFLOAD_EMBEDDING=1: the input embedding table in pinned host memory (frees 0.98 GiB here)
-        offload_embedding = os.environ.get("LORAFORGE_OFFLOAD_EMBEDDING", "0") == "1"
+        # The input embedding table in pinned host memory (frees 0.98 GiB here): "auto" (the default) offloads
+        # it here; LORAFORGE_OFFLOAD_EMBEDDING=0 keeps it on the GPU, =1 insists
+        offload_embedding = {"0": False, "1": True}.get(os.environ.get("LORAFORGE_OFFLOAD_EMBEDDING", ""), "auto")
         model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, load_in_4bit=True, dtype=dtype,
                                                      stream_base_weights=stream,
                                                      offload_embedding=offload_embedding)  # fmt: skip

@@ -6,9 +6,14 @@ kernel raises an error that says how to rebuild. The model and data APIs load la
 `import loraforge` does not pull in transformers and PEFT until they are used.
 """
 
-from loraforge import ops  # noqa: F401  (registers the ops)
-from loraforge import nf4
+from loraforge import (
+    nf4,
+    ops,  # noqa: F401  (registers the ops)
+)
+from loraforge._allocator import prefer_expandable_segments
 from loraforge._native import cuda_architectures, cuda_kernels_built
+
+prefer_expandable_segments()  # (importing torch and registering ops start no CUDA: see _allocator.py)
 
 __version__ = "0.1.0"
 

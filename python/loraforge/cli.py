@@ -219,7 +219,7 @@ def _add_sft(commands) -> argparse.ArgumentParser:
     data.add_argument("--offload-embedding", action=argparse.BooleanOptionalAction,
                       help="keep the frozen input embedding table in pinned host memory, read there by the GPU: "
                       "frees its GPU memory (Llama-3 8B: 0.98 GiB) for the batch's rows over PCIe; CUDA only, not for a table "
-                      "tied to the output head (default: off)")
+                      "tied to the output head (default: where the table qualifies, as from_pretrained's offload_embedding=\"auto\")")
     data.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                       help="compute dtype (default: auto: bfloat16 where the GPU has it, else float16; float32 on CPU)")
     add_lora_options(parser, d)

@@ -21,8 +21,10 @@ def llama_dir(tmp_path_factory):
 
 
 def test_arguments_are_checked_before_loading(llama_dir):
-    with pytest.raises(TypeError, match="offload_embedding must be True or False"):
+    with pytest.raises(TypeError, match='offload_embedding must be True, False or "auto"'):
         FastLanguageModel.from_pretrained(llama_dir, offload_embedding="yes")
+    with pytest.raises(TypeError, match='offload_embedding must be True, False or "auto"'):
+        FastLanguageModel.from_pretrained(llama_dir, offload_embedding=1)
     with pytest.raises(ValueError, match="full_finetuning=True the table trains"):
         FastLanguageModel.from_pretrained(llama_dir, full_finetuning=True, offload_embedding=True)
 
@@ -54,8 +56,41 @@ def test_trained_tied_and_odd_tables_are_refused(tmp_path):
     host_embedding.restore_input_embeddings(model)  # not offloaded: a no-op
 
 
+def test_auto_leaves_every_table_that_cannot_go_where_it_is(tmp_path, llama_dir, monkeypatch):
+    """offload_embedding="auto" (the default) never raises: a table on the CPU, tied, trained or 64-bit stays."""
+    model, _ = FastLanguageModel.from_pretrained(llama_dir, device_map="cpu")  # the default: "auto"
+    assert not host_embedding.is_offloaded(model) and not model.get_input_embeddings().weight.is_cuda
+    full, _ = FastLanguageModel.from_pretrained(llama_dir, device_map="cpu", full_finetuning=True)  # no refusal
+    assert full.get_input_embeddings().weight.requires_grad
+    assert not host_embedding.offload_where_possible(full)
+    tied_dir = testing.save_tiny_model(tmp_path / "qwen3", arch="qwen3", seed=1, num_hidden_layers=1)
+    tied, _ = FastLanguageModel.from_pretrained(tied_dir, device_map="cpu", load_in_4bit=False)
+    assert not host_embedding.offload_where_possible(tied)
+    table = model.get_input_embeddings().weight
+    model.get_input_embeddings().weight = torch.nn.Parameter(table.detach().double(), requires_grad=False)
+    assert not host_embedding.offload_where_possible(model)
+    assert not host_embedding.offload_where_possible(torch.nn.Linear(2, 2))  # no embedding at all
+    assert model.get_input_embeddings().weight.dtype == torch.float64  # untouched
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_auto_offloads_a_table_that_qualifies_in_a_single_process(tmp_path, llama_dir, monkeypatch):
+    model, _ = FastLanguageModel.from_pretrained(llama_dir, dtype=torch.bfloat16)  # the default: "auto"
+    assert host_embedding.is_offloaded(model)
+    kept, _ = FastLanguageModel.from_pretrained(llama_dir, dtype=torch.bfloat16, offload_embedding=False)
+    assert not host_embedding.is_offloaded(kept) and kept.get_input_embeddings().weight.is_cuda
+    full, _ = FastLanguageModel.from_pretrained(llama_dir, dtype=torch.bfloat16, full_finetuning=True)
+    assert not host_embedding.is_offloaded(full)
+    tied_dir = testing.save_tiny_model(tmp_path / "qwen3", arch="qwen3", seed=1, num_hidden_layers=1)
+    tied, _ = FastLanguageModel.from_pretrained(tied_dir, dtype=torch.bfloat16)
+    assert not host_embedding.is_offloaded(tied)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun launch before its process group exists: DDP comes later
+    launched, _ = FastLanguageModel.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    assert not host_embedding.is_offloaded(launched)
 
 
 @pytest.mark.gpu

@@ -121,6 +121,13 @@ def test_extra_layers_run_whole_while_their_activations_fit_the_table(fresh, mon
     assert _step(model, x)[0] == []
 
 
+def test_a_call_of_no_known_layer_is_no_candidate(fresh):
+    """offloaded_checkpoint also runs functions that are no decoder layer (_layer_of gives None)."""
+    model = Stack(3)
+    budget.register(model, list(model.layers), fixed=1)
+    assert not budget.keeps_extra(None, 10)
+
+
 def test_the_largest_measurement_is_kept(fresh, monkeypatch):
     model = Stack(3)
     layers = list(model.layers)

@@ -100,7 +100,7 @@ class FastLanguageModel:
         fix_tokenizer: bool = True,
         trust_remote_code: bool = False,
         stream_base_weights: bool | int = False,
-        offload_embedding: bool = False,
+        offload_embedding: bool | str = "auto",
         **kwargs,
     ):
         """Load (model, tokenizer). 4-bit loads quantize Linear layers to NF4 with loraforge's kernel
@@ -122,8 +122,11 @@ class FastLanguageModel:
 
         offload_embedding: keep the input embedding table in pinned host memory, where the GPU reads the
         rows of each batch's tokens (models/host_embedding.py): frees the table's GPU memory (Llama-3 8B:
-        0.98 GiB) for the rows' bytes over PCIe once a forward. Needs a CUDA device, a frozen table (not full_finetuning) and one
-        not tied to the output head."""
+        0.98 GiB) for the rows' bytes over PCIe once a forward, and that memory keeps more layers out of
+        the checkpoint (train/kept_layer_budget.py). True needs a CUDA device, a frozen table (not
+        full_finetuning) and one not tied to the output head, and raises otherwise; "auto" (the default)
+        offloads where those hold in a single process and leaves the table on the GPU elsewhere; False
+        never offloads."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         _print_banner_once()
@@ -151,9 +154,9 @@ class FastLanguageModel:
         if stream_base_weights and isinstance(device_map, dict) and len(set(device_map.values())) > 1:
             raise NotImplementedError("stream_base_weights streams to one GPU; a device_map over several devices "
                                       f"is not supported (got {device_map!r})")  # fmt: skip
-        if not isinstance(offload_embedding, bool):
-            raise TypeError(f"offload_embedding must be True or False, got {offload_embedding!r}")
-        if offload_embedding and full_finetuning:
+        if not isinstance(offload_embedding, bool) and offload_embedding != "auto":
+            raise TypeError(f'offload_embedding must be True, False or "auto", got {offload_embedding!r}')
+        if offload_embedding is True and full_finetuning:
             raise ValueError("offload_embedding=True keeps a frozen embedding table in host memory; with "
                              "full_finetuning=True the table trains (leave offload_embedding=False)")  # fmt: skip
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
@@ -217,10 +220,14 @@ class FastLanguageModel:
             param.requires_grad_(full_finetuning)
         if stream_base_weights:  # (a no-op where the load above streamed already)
             stream(model, layers=stream_layers)
-        if offload_embedding:
+        if offload_embedding is True:
             from loraforge.models.host_embedding import offload_input_embeddings
 
             offload_input_embeddings(model)
+        elif offload_embedding == "auto" and not full_finetuning:
+            from loraforge.models.host_embedding import offload_where_possible
+
+            offload_where_possible(model)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
         if fix_tokenizer and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

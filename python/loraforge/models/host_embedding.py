@@ -18,6 +18,8 @@ table needs its gradient on the GPU. `restore_input_embeddings(model)` puts the 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -84,6 +86,31 @@ def _reads_host_table(embedding) -> bool:
     return host is not None and weight is not None and weight.is_cuda and weight.data_ptr() == host.data_ptr()
 
 
+def _refusal(model: torch.nn.Module, embedding: torch.nn.Module):
+    """Why `model`'s table cannot go to host memory, as the exception to raise; None when it can."""
+    weight = embedding.weight
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # (DDP broadcasts every parameter at wrap time, FSDP2 shards them: neither is tested on a table
+        # that only has a host address)
+        return NotImplementedError("offload_embedding with torch.distributed (DDP/FSDP2) is not supported")
+    if weight.requires_grad:
+        return ValueError("offload_embedding needs a frozen input embedding (it trains here: full_finetuning or "
+                          "embed_tokens in modules_to_save); leave offload_embedding=False")  # fmt: skip
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    head_weight = getattr(head, "weight", None)
+    if isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == weight.data_ptr():
+        return ValueError("offload_embedding: this model ties its input embedding to the output head, which reads "
+                          "the whole table at every step; it stays on the GPU (leave offload_embedding=False)")  # fmt: skip
+    if weight.element_size() not in (2, 4) or not weight.is_contiguous():
+        return ValueError(f"offload_embedding takes a contiguous 16- or 32-bit table, got {weight.dtype} "
+                          f"with strides {weight.stride()}")  # fmt: skip
+    if weight.device.type != "cuda":
+        return ValueError(f"offload_embedding moves a GPU table to host memory; this model's is on {weight.device} "
+                          "(load it on a CUDA device, or leave offload_embedding=False)")  # fmt: skip
+    return None
+
+
 def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     """Move `model`'s input embedding table to pinned host memory, where the GPU reads the rows it needs (see
     the module docstring); returns the embedding module. The table must be on a CUDA device, frozen, and
@@ -92,32 +119,30 @@ def offload_input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     if _reads_host_table(embedding):
         return embedding
     embedding.__dict__.pop(_HOST_ATTR, None)  # a table moved away since an earlier offload
+    refusal = _refusal(model, embedding)
+    if refusal is not None:
+        raise refusal
     weight = embedding.weight
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # (DDP broadcasts every parameter at wrap time, FSDP2 shards them: neither is tested on a table
-        # that only has a host address)
-        raise NotImplementedError("offload_embedding with torch.distributed (DDP/FSDP2) is not supported")
-    if weight.requires_grad:
-        raise ValueError("offload_embedding needs a frozen input embedding (it trains here: full_finetuning or "
-                         "embed_tokens in modules_to_save); leave offload_embedding=False")  # fmt: skip
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    head_weight = getattr(head, "weight", None)
-    if isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == weight.data_ptr():
-        raise ValueError("offload_embedding: this model ties its input embedding to the output head, which reads "
-                         "the whole table at every step; it stays on the GPU (leave offload_embedding=False)")  # fmt: skip
-    if weight.element_size() not in (2, 4) or not weight.is_contiguous():
-        raise ValueError(f"offload_embedding takes a contiguous 16- or 32-bit table, got {weight.dtype} "
-                         f"with strides {weight.stride()}")  # fmt: skip
-    if weight.device.type != "cuda":
-        raise ValueError(f"offload_embedding moves a GPU table to host memory; this model's is on {weight.device} "
-                         "(load it on a CUDA device, or leave offload_embedding=False)")  # fmt: skip
     host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
     host.copy_(weight.detach())
     view = _device_view(host, weight.device)
     embedding.__dict__[_HOST_ATTR] = host
     embedding.weight = torch.nn.Parameter(view, requires_grad=False)  # the GPU table is freed with the old one
     return embedding
+
+
+def offload_where_possible(model: torch.nn.Module) -> bool:
+    """offload_embedding="auto": offload_input_embeddings where the table qualifies (a frozen, untied 16- or
+    32-bit table on a CUDA device, in a single process), and leave it where it is otherwise, silently;
+    returns whether the table is in host memory now. "A single process" also excludes a torchrun/accelerate
+    launch whose process group is not set up yet (WORLD_SIZE > 1): DDP would later broadcast the table."""
+    embedding = _embedding_of(model)
+    if not isinstance(embedding, torch.nn.Embedding) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return False
+    if not _reads_host_table(embedding) and _refusal(model, embedding) is not None:
+        return False
+    offload_input_embeddings(model)
+    return True
 
 
 def restore_input_embeddings(model: torch.nn.Module) -> None:

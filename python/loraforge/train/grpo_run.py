@@ -57,7 +57,7 @@ class GRPOSettings:
     max_seq_length: int | None = None  # None: the model's context, at most 2048
     load_in_4bit: bool = True
     stream_base_weights: bool = False  # NF4 base weights in host memory, a layer at a time on the GPU
-    offload_embedding: bool = False  # the frozen input embedding table in pinned host memory
+    offload_embedding: bool | str = "auto"  # the input embedding table in pinned host memory ("auto": where it can)
     dtype: str = "auto"
     r: int = 16
     lora_alpha: int = 16

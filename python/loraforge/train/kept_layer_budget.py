@@ -57,7 +57,7 @@ def table_bytes(model: torch.nn.Module) -> int:
 
 def keeps_extra(layer, tokens: int) -> bool:
     """Whether `layer`, an extra candidate, runs whole for a call of `tokens` tokens."""
-    entry = _EXTRA.get(layer)
+    entry = _EXTRA.get(layer) if layer is not None else None  # (None: a checkpointed call of no known layer)
     if entry is None:
         return False
     k, model_ref = entry

@@ -61,7 +61,7 @@ class SFTSettings:
     max_seq_length: int | None = None  # None: the model's context, at most 2048
     load_in_4bit: bool = True
     stream_base_weights: bool = False  # NF4 base weights in host memory, a layer at a time on the GPU
-    offload_embedding: bool = False  # the frozen input embedding table in pinned host memory
+    offload_embedding: bool | str = "auto"  # the input embedding table in pinned host memory ("auto": where it can)
     dtype: str = "auto"  # auto: bf16 where the GPU has it, else fp16; fp32 on CPU
     r: int = 16
     lora_alpha: int = 16
@@ -166,6 +166,7 @@ def load_model(settings: SFTSettings):
             str(Path(settings.model).expanduser()) if Path(settings.model).expanduser().exists() else settings.model,
             max_seq_length=settings.max_seq_length, dtype=_DTYPES[settings.dtype], load_in_4bit=settings.load_in_4bit,
             stream_base_weights=getattr(settings, "stream_base_weights", False),
+            offload_embedding=False,  # (after the chat template's resize, below)
         )  # fmt: skip
     except OSError as error:  # not a folder, not on the hub, no network, no access
         raise SFTInputError(f"could not load model {settings.model!r}: {error}") from None
@@ -176,13 +177,18 @@ def load_model(settings: SFTSettings):
         tokenizer = get_chat_template(tokenizer, settings.chat_template)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-    if getattr(settings, "offload_embedding", False):  # after the resize, which would build a new GPU table
+    offload = getattr(settings, "offload_embedding", "auto")  # after the resize, which would build a new GPU table
+    if offload is True:
         from loraforge.models.host_embedding import offload_input_embeddings
 
         try:
             offload_input_embeddings(model)
         except ValueError as error:  # a table on the CPU or tied to the output head
             raise SFTInputError(f"--offload-embedding: {error}") from None
+    elif offload == "auto":
+        from loraforge.models.host_embedding import offload_where_possible
+
+        offload_where_possible(model)
     try:
         model = FastLanguageModel.get_peft_model(
             model, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,

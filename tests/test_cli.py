@@ -65,7 +65,7 @@ def sft_run(tiny_files):
         "model": str(base), "dataset": str(data), "chat_template": "chatml", "responses_only": True,
         "max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
         "learning_rate": "1e-3",  # YAML reads 1e-3 as a string: the CLI converts it
-        "export": ["gguf:q8_0"],
+        "export": ["gguf:q8_0"], "offload_embedding": "auto",  # (the default, spelled out: a no-op on CPU)
     }))  # fmt: skip
     output = root / "run"
     code, text = main_output(["sft", "--config", config, "--max-steps", 3, "--logging-steps", 1, "--output", output])
@@ -133,6 +133,7 @@ def test_sft_from_config_trains_saves_and_exports(trained, capsys):
     assert used["max_steps"] == 3  # the flag won over the config's 2
     assert used["chat_template"] == "chatml" and used["responses_only"] is True
     assert used["learning_rate"] == pytest.approx(1e-3) and used["r"] == 16 and used["lora_alpha"] == 16
+    assert used["offload_embedding"] == "auto"
 
 
 def test_export_adapter_to_merged_16bit_matches_peft(trained, tiny_files, capsys):
@@ -193,6 +194,7 @@ GRPO = ["grpo", "--model", "{base}", "--dataset", "{questions}", "--prompt-colum
          "--offload-embedding: offload_embedding moves a GPU table to host memory"),
         (["sft", "--config", "{root}/typo.yaml"], "unknown key 'lerning_rate'; valid keys:"),
         (["sft", "--config", "{root}/nothing.yaml"], "does not exist"),
+        (["sft", "--config", "{root}/offload.yaml"], "offload_embedding: expected true or false, got 'sometimes'"),
         (["export", "--adapter", "{base}", "--output", "{root}/x", "--format", "merged_16bit"], "no adapter_config"),
         (["export", "--model", "{base}", "--output", "{root}/x", "--format", "lora"], "needs --adapter"),
         (["export", "--model", "{base}", "--output", "{root}/x", "--for", "ollama", "--format", "merged_16bit"],
@@ -215,6 +217,7 @@ GRPO = ["grpo", "--model", "{base}", "--dataset", "{questions}", "--prompt-colum
 def test_user_mistakes_exit_2_with_a_message(tiny_files, capsys, args, message):
     root, base, data = tiny_files
     (root / "typo.yaml").write_text(f"model: {base}\ndataset: {data}\nlerning_rate: 1e-3\n")
+    (root / "offload.yaml").write_text(f"model: {base}\ndataset: {data}\noffload_embedding: sometimes\n")
     names = {"root": root, "base": base, "data": data, "questions": root / "questions.jsonl"}
     code, out, err = run_cli(capsys, *(a.format(**names) for a in args))
     assert code == 2

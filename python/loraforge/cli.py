@@ -97,6 +97,9 @@ def _name_list(text) -> tuple[str, ...]:
 _name_list.takes_lists = True  # a YAML list reaches it as a list, not as its str()
 
 
+_AUTO_BOOLEANS = {"offload_embedding"}  # switches whose default, "auto", decides by the model
+
+
 def _boolean(text) -> bool:
     if isinstance(text, bool):
         return text
@@ -292,7 +295,9 @@ def _config_values(path: str, parser: argparse.ArgumentParser) -> dict:
         if value is None:  # `key:` with nothing after it: the default
             continue
         try:
-            if isinstance(action, argparse.BooleanOptionalAction):
+            if action.dest in _AUTO_BOOLEANS and str(value).strip().lower() == "auto":
+                value = "auto"  # (the default; a config file may also spell it out)
+            elif isinstance(action, argparse.BooleanOptionalAction):
                 value = _boolean(value)
             elif getattr(action.type, "takes_lists", False):
                 value = action.type(value)

@@ -145,6 +145,9 @@ def validate(settings: SFTSettings) -> None:
     check_model_source(settings.model)
     if getattr(settings, "stream_base_weights", False) and not settings.load_in_4bit:
         raise SFTInputError("--stream-base-weights streams NF4 base weights: it needs --load-in-4bit")
+    offload = getattr(settings, "offload_embedding", "auto")
+    if not isinstance(offload, bool) and offload != "auto":
+        raise SFTInputError(f'offload_embedding must be true, false or "auto", got {offload!r}')
     if not Path(settings.dataset).expanduser().exists():
         raise SFTInputError(f"dataset {settings.dataset!r} does not exist (give a .jsonl, .json, .csv or .parquet "
                             "file, or a folder written by datasets' save_to_disk)")  # fmt: skip

@@ -381,7 +381,7 @@ def main() -> None:
     # made to attribute a change stay distinguishable in the CSV.
     settings = "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("LORAFORGE_", "PYTORCH_CUDA_ALLOC_CONF"))
                        and k not in ("LORAFORGE_COMMIT", "LORAFORGE_BENCH", "LORAFORGE_GPU_TESTS", "LORAFORGE_TAIL",
-                                     "LORAFORGE_GPU_TEST_FILES", "LORAFORGE_PROFILE"))  # fmt: skip
+                                     "LORAFORGE_GPU_TEST_FILES", "LORAFORGE_GPU_TEST_TIMEOUT", "LORAFORGE_PROFILE"))  # fmt: skip
     cpu = _host_cpu()
     for impl, r in results.items():
         rows.append({"benchmark": f"train_step_llama{args.shape}_{layers}l_b{args.batch}x{args.seq}", "case": "qlora r16 all",

@@ -220,14 +220,10 @@ class FastLanguageModel:
             param.requires_grad_(full_finetuning)
         if stream_base_weights:  # (a no-op where the load above streamed already)
             stream(model, layers=stream_layers)
-        if offload_embedding is True:
-            from loraforge.models.host_embedding import offload_input_embeddings
+        if offload_embedding:  # (True or "auto"; "auto" leaves a trained table, as under full_finetuning, alone)
+            from loraforge.models.host_embedding import apply_offload_setting
 
-            offload_input_embeddings(model)
-        elif offload_embedding == "auto" and not full_finetuning:
-            from loraforge.models.host_embedding import offload_where_possible
-
-            offload_where_possible(model)
+            apply_offload_setting(model, offload_embedding)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code)
         if fix_tokenizer and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

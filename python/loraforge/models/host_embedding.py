@@ -145,6 +145,15 @@ def offload_where_possible(model: torch.nn.Module) -> bool:
     return True
 
 
+def apply_offload_setting(model: torch.nn.Module, setting) -> None:
+    """from_pretrained's offload_embedding (and the SFT/GRPO settings'): True offloads or raises, "auto"
+    offloads where the table qualifies, False leaves it."""
+    if setting is True:
+        offload_input_embeddings(model)
+    elif setting == "auto":
+        offload_where_possible(model)
+
+
 def restore_input_embeddings(model: torch.nn.Module) -> None:
     """Undo offload_input_embeddings: the table back in GPU memory. A no-op where it was not offloaded."""
     embedding = _input_embedding(model)

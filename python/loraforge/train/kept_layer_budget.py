@@ -44,10 +44,6 @@ def register(model: torch.nn.Module, layers, fixed: int) -> None:
         _EXTRA[layer] = (k, model_ref)
 
 
-def has_candidates() -> bool:
-    return len(_EXTRA) > 0
-
-
 def table_bytes(model: torch.nn.Module) -> int:
     """The GPU bytes `model` does not spend on its input embedding table (0 where the table is on the GPU)."""
     from loraforge.models.host_embedding import offloaded_table_bytes  # (models imports this package)

@@ -541,14 +541,15 @@ def _keeps_whole(layer, tokens: int) -> bool:
 
 def offloaded_checkpoint(function, *args, **kwargs):
     """A drop-in for transformers' `_gradient_checkpointing_func`."""
+    layer = _layer_of(function)
     if _KEPT_LAYERS:
-        layer, tokens = _layer_of(function), _tokens(args)
+        tokens = _tokens(args)
         if _keeps_whole(layer, tokens):
             if DRAIN_BEFORE_KEPT and _HOOKS.in_flight:
                 _HOOKS.drain()
             return kept_layer_budget.run_kept(layer, tokens, function, args, kwargs)
     if _lean_path_applies(function, args):
-        return _CheckpointedLayer.apply(function, True, _uses_dropout(_layer_of(function)), _ANCHOR, *args)
+        return _CheckpointedLayer.apply(function, True, _uses_dropout(layer), _ANCHOR, *args)
     kwargs.setdefault("use_reentrant", False)
     on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     hooks = torch.autograd.graph.saved_tensors_hooks(_HOOKS.pack, _HOOKS.unpack) if on_gpu else contextlib.nullcontext()

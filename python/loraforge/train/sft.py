@@ -180,18 +180,12 @@ def load_model(settings: SFTSettings):
         tokenizer = get_chat_template(tokenizer, settings.chat_template)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-    offload = getattr(settings, "offload_embedding", "auto")  # after the resize, which would build a new GPU table
-    if offload is True:
-        from loraforge.models.host_embedding import offload_input_embeddings
+    from loraforge.models.host_embedding import apply_offload_setting
 
-        try:
-            offload_input_embeddings(model)
-        except ValueError as error:  # a table on the CPU or tied to the output head
-            raise SFTInputError(f"--offload-embedding: {error}") from None
-    elif offload == "auto":
-        from loraforge.models.host_embedding import offload_where_possible
-
-        offload_where_possible(model)
+    try:  # after the resize, which would build a new GPU table
+        apply_offload_setting(model, getattr(settings, "offload_embedding", "auto"))
+    except ValueError as error:  # True, and a table on the CPU or tied to the output head
+        raise SFTInputError(f"--offload-embedding: {error}") from None
     try:
         model = FastLanguageModel.get_peft_model(
             model, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,

@@ -5,7 +5,8 @@
 # environment settings, each configuration in its own process. The random 8B checkpoint is written while
 # the build runs. Rows go to $OUT/train_step.csv, the LORAFORGE_* settings in their notes; the full log
 # to $OUT/bench.log. LORAFORGE_PROFILE=1 adds a profiled run of the defaults, LORAFORGE_PHASES=1 their
-# memory_phases.py run (host against GPU time per phase).
+# memory_phases.py run (host against GPU time per phase), LORAFORGE_ANCHOR_LAST=1 a second Unsloth run at the
+# end. An empty argument repeats the defaults in a process of their own.
 #   device run (carry .devkit):
 #     bash benchmarks/train_step_variants.sh "LORAFORGE_OFFLOAD_IN_FLIGHT=8" \
 #          "LORAFORGE_OFFLOAD_IN_FLIGHT=12" "LORAFORGE_NORM_INTO_WIDE=1"
@@ -39,6 +40,9 @@ bench "" 300 --impls "${LORAFORGE_DEFAULT_IMPLS:-unsloth,loraforge}"  # (unsloth
 for settings in "$@"; do
   bench "$settings" 120 --impls loraforge
 done
+if [ "${LORAFORGE_ANCHOR_LAST:-0}" = 1 ]; then  # Unsloth once more: how far the machine drifted over the call
+  bench "" 200 --impls unsloth
+fi
 if [ "${LORAFORGE_PROFILE:-0}" = 1 ]; then
   bench "" 150 --impls loraforge --profile
 fi

@@ -290,6 +290,10 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
               # Per timed step, host ms spent issuing the forward / backward / optimizer, then waiting for the
               # GPU to finish the step: a wait near 0 means the GPU waited for the host instead.
               "host_phases_ms": [[round(1e3 * t, 1) for t in p] for p in phases[warmup:]]}  # fmt: skip
+    if impl == "loraforge":  # whether the forward's copies to host kept up, and what that cost
+        from loraforge.train import copy_pacing
+
+        result["copy_pacing"] = copy_pacing.summary()
     if profile:  # after the timed steps, so it cannot disturb them
         from benchmarks.profile_train_step import profile_step
 
@@ -395,7 +399,8 @@ def main() -> None:
                              f"{r['first_loss']:.3f}->{r['last_loss']:.3f}; us = per step; limit {limit:.0f} tok/s; "
                              f"fused AdamW; allocator over the timed steps: {_allocator_note(r.get('allocator'))}; "
                              f"garbage collections over them: {r.get('gc', '?')}; host {cpu}"
-                             + _step_spread(r.get("step_ms")) + _host_phases(r.get("host_phases_ms")) + settings})  # fmt: skip
+                             + _step_spread(r.get("step_ms")) + _host_phases(r.get("host_phases_ms"))
+                             + (f"; {r['copy_pacing']}" if r.get("copy_pacing") else "") + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)
 

@@ -273,6 +273,42 @@ def test_products_kept_from_the_forward_give_the_same_gradients(saved_models, de
             assert_same_gradients(grads[setting][name], grads[(0, 0, 8192)][name], msg=name)
 
 
+@pytest.mark.gpu
+def test_cuda_copy_pacing_gives_up_kept_products_with_the_same_gradients(saved_models, seed, monkeypatch):
+    """train/copy_pacing.py on a GPU: a forward's copies to host are timed (busy over span in (0, 1]), and with
+    every reading taken as copy-bound (COPY_BOUND_RATIO 0) the kept products go kind by kind, one a forward
+    (gate/up, the attention output, Q/K/V); every step's loss and gradients equal a model's that keeps none."""
+    from loraforge.train import copy_pacing
+    from loraforge.train import offloaded_checkpointing as oc
+
+    monkeypatch.setattr(oc, "_MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(oc, "KEEP_LAST_LAYERS", 0)
+    monkeypatch.setattr(copy_pacing, "COPY_BOUND_RATIO", 0.0)
+    steps = {}
+    for every in (0, 1):
+        for name in ("GATE_UP_EVERY", "QKV_EVERY", "ATTENTION_EVERY"):
+            monkeypatch.setattr(oc, name, every)
+        monkeypatch.setattr(oc, "_KEPT_PRODUCTS", weakref.WeakKeyDictionary())
+        model, tokenizer = FastLanguageModel.from_pretrained(saved_models["llama"], load_in_4bit=True,
+                                                             dtype=torch.float32, device_map="auto")  # fmt: skip
+        model = FastLanguageModel.get_peft_model(model, r=4, random_state=seed % 1000, init_lora_weights=False,
+                                                 use_gradient_checkpointing="unsloth")  # fmt: skip
+        layers = model.base_model.model.model.layers
+        assert dict(oc._KEPT_PRODUCTS) == ({layers[0]: {"gate_up", "qkv", "attention"}} if every else {})
+        batch = tokenizer(["Snow is white and cold.", "A dog ran"], return_tensors="pt", padding=True).to("cuda")
+        steps[every] = [_loss_and_grads(model, batch) for _ in range(5)]
+        torch.cuda.synchronize()
+        pacing = copy_pacing.PACING
+        # forward 1 is not measured; forwards 3, 4 and 5 each begin by reading the one before
+        assert pacing.given_up == (["gate_up", "attention", "qkv"] if every else [])
+        assert not any(oc._KEPT_PRODUCTS.values()) and pacing.done
+        assert 0 < pacing.last["ratio"] <= 1 + 1e-6 and pacing.last["gb_per_s"] > 0
+    for (loss, grads), (loss_kept, grads_kept) in zip(steps[0], steps[1]):
+        assert torch.equal(loss, loss_kept)
+        for name in grads:
+            assert_same_gradients(grads_kept[name], grads[name], msg=name)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("arch", testing.ARCHITECTURES)
 def test_norms_write_into_the_stacked_products_wide_inputs(saved_models, device, arch, seed, monkeypatch):

@@ -42,7 +42,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from loraforge._native import current_stream
-from loraforge.train import kept_layer_budget, layer_split
+from loraforge.train import copy_pacing, kept_layer_budget, layer_split
 
 _MIN_OFFLOAD_BYTES = 1 << 20  # small tensors (masks, positions) are not worth a round trip
 
@@ -93,14 +93,19 @@ class _Offloaded:
     __slots__ = ("__weakref__", "device", "done", "fetched", "fetched_event", "fetched_on", "gpu", "host", "prev", "then",
                  "version")  # fmt: skip
 
-    def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None):
+    def __init__(self, tensor: torch.Tensor, side: torch.cuda.Stream, prev: _Offloaded | None, timed: bool = False):
         self.device = tensor.device
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
         side.wait_stream(current_stream(tensor.device))
         with torch.cuda.stream(side):
+            if timed:  # a forward that copy_pacing measures: the copy between two timing events
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(side)
             self.host.copy_(tensor, non_blocking=True)
-            self.done = torch.cuda.Event()
+            self.done = torch.cuda.Event(enable_timing=timed)
             self.done.record(side)
+        if timed:
+            copy_pacing.PACING.record(start, self.done, tensor.numel() * tensor.element_size())
         self.gpu = tensor  # alive until the copy completes (see _reap)
         self.version = tensor._version  # an in-place change after this is not in the host copy
         # The tensor saved just before this one (a weak link: a graph that is dropped unused must not
@@ -178,6 +183,7 @@ class _OffloadHooks:
         self.in_flight: list[_Offloaded] = []
         self.last: dict[torch.device, weakref.ref] = {}
         self.gate_up: weakref.ref | None = None  # the last kept gate/up product not yet linked (_pack_split_layer)
+        self.in_forward = False  # packed since the last unpack: copy_pacing's forward boundaries
 
     def _reap(self) -> None:
         """Drop GPU references whose host copy has completed, without waiting for the others. (Until
@@ -209,8 +215,11 @@ class _OffloadHooks:
         side = self.streams.get(tensor.device)
         if side is None:  # (not setdefault: that would make, and drop, a new Stream at every call)
             side = self.streams[tensor.device] = torch.cuda.Stream(tensor.device)
+        if not self.in_forward:
+            self.in_forward = True
+            copy_pacing.PACING.forward_begins(_KEPT_PRODUCTS)
         last = self.last.get(tensor.device) if chained else None
-        item = _Offloaded(tensor, side, last() if last is not None else None)
+        item = _Offloaded(tensor, side, last() if last is not None else None, copy_pacing.PACING.timing)
         if chained:
             self.last[tensor.device] = weakref.ref(item)
         self._reap()
@@ -239,6 +248,9 @@ class _OffloadHooks:
     def unpack(self, packed):
         if not isinstance(packed, _Offloaded):
             return packed
+        if self.in_forward:
+            self.in_forward = False
+            copy_pacing.PACING.forward_ends()
         # The forward's last copies are done by now: their GPU tensors go before backward's working sets.
         if REAP_DONE:
             self._reap()
@@ -521,6 +533,8 @@ QKV_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_QKV_EVERY", "1") or 0)
 # Measured on the 8B step (H100, 2026-12-07, ff19871, each in its own process): 326.3 -> 324.8 ms,
 # +0.01 GiB.
 ATTENTION_EVERY = int(os.environ.get("LORAFORGE_OFFLOAD_ATTENTION_EVERY", "1") or 0)
+# Where the forward's copies to host cannot keep up (a host with slower PCIe or memory), copy_pacing.py gives
+# the kept products up, kind by kind, after measuring the copies of a forward.
 KEPT_PRODUCTS_MAX_TOKENS = 16384
 _KEPT_PRODUCTS = weakref.WeakKeyDictionary()  # layer -> the kinds of products it keeps ("gate_up", "qkv", "attention")
 
@@ -580,6 +594,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode) -> None:
         for kind, every in (("gate_up", GATE_UP_EVERY), ("qkv", QKV_EVERY), ("attention", ATTENTION_EVERY)):
             for layer in layers[: len(layers) - 1 : every] if every > 0 else ():
                 _KEPT_PRODUCTS[layer] = _KEPT_PRODUCTS.get(layer, frozenset()) | {kind}
+        copy_pacing.reset()  # this model's products are measured afresh (copy_pacing.py)
 
 
 def uses_offloaded_checkpointing(model: torch.nn.Module) -> bool:

@@ -12,9 +12,12 @@ included. Generation, evaluation and any call without labels take the stock forw
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from loraforge.ops.cross_entropy import targets_checked_ahead
 from loraforge.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -34,15 +37,21 @@ def fused_loss_forward(self, *args, labels=None, **kwargs):
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("logits_to_keep", None)
     kwargs["use_cache"] = False
-    outputs = self.model(*args, **kwargs)
-    hidden = outputs.last_hidden_state
     if shift_labels is None:
         # Position t predicts token t+1; the last position has nothing to predict.
         shift_labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-    loss = fused_linear_cross_entropy(
-        hidden, head.weight, shift_labels.to(hidden.device), head.bias, ignore_index=IGNORE_INDEX,
-        reduction="sum" if num_items_in_batch is not None else "mean", num_items_in_batch=num_items_in_batch,
-        softcap=getattr(self.config, "final_logit_softcapping", None) or None,
-    )  # fmt: skip
+    targets = shift_labels.to(head.weight.device)
+    # The targets' check goes ahead of the backbone: read at the end of the loss, it no longer makes the host
+    # wait for the GPU to finish the forward (ops/cross_entropy.py, targets_checked_ahead).
+    ahead = targets.dtype == torch.int64 and not torch.compiler.is_compiling()
+    checked = targets_checked_ahead(targets, head.weight.shape[0], IGNORE_INDEX) if ahead else contextlib.nullcontext()
+    with checked:
+        outputs = self.model(*args, **kwargs)
+        hidden = outputs.last_hidden_state
+        loss = fused_linear_cross_entropy(
+            hidden, head.weight, targets, head.bias, ignore_index=IGNORE_INDEX,
+            reduction="sum" if num_items_in_batch is not None else "mean", num_items_in_batch=num_items_in_batch,
+            softcap=getattr(self.config, "final_logit_softcapping", None) or None,
+        )  # fmt: skip
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)  # fmt: skip

@@ -44,6 +44,8 @@ The loss is always fp32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 
 import torch
@@ -114,6 +116,42 @@ def _bad_targets(targets, n_classes, ignore_index) -> torch.Tensor:
     return ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
 
 
+# What a caller checked before launching the op (targets_checked_ahead): the targets' elements (device, address,
+# count, contiguous), their version, n_classes and ignore_index. The op's own check is then skipped.
+_CHECKED_AHEAD: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("loraforge_targets_checked_ahead",
+                                                                             default=None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def targets_checked_ahead(targets: torch.Tensor, n_classes: int, ignore_index: int):
+    """Check `targets` now, before the work that leads to the loss, and read the verdict when the block ends;
+    inside it, a cross-entropy op given these very targets (the same elements, contiguous, unchanged: a view
+    such as a reshape counts; with the same classes and ignore index) skips its own check.
+
+    Why: on CUDA the op reads its check's verdict at its end, and the check is queued behind everything
+    before it. Called from a model's loss, that is the whole forward: the host then waits for the GPU to
+    finish the forward before it can issue the backward (models/causal_lm_loss.py). Begun before the
+    forward, the check runs first on the GPU, and its verdict is ready when the block ends. Bad targets still
+    raise ValueError, at the block's end (the work queued in between reads no target out of range: see
+    start_target_check). On CPU the check runs, and raises, at once."""
+    pending = start_target_check(targets, n_classes, ignore_index)
+    token = _CHECKED_AHEAD.set(_ahead_key(targets, n_classes, ignore_index) if targets.is_contiguous() else None)
+    try:
+        yield
+    finally:
+        _CHECKED_AHEAD.reset(token)
+    finish_target_check(pending)
+
+
+def _ahead_key(targets: torch.Tensor, n_classes: int, ignore_index: int) -> tuple:
+    return (targets.device, targets.data_ptr(), targets.numel(), targets._version, n_classes, ignore_index)
+
+
+def _checked_ahead(targets: torch.Tensor, n_classes: int, ignore_index: int) -> bool:
+    ahead = _CHECKED_AHEAD.get()
+    return ahead is not None and targets.is_contiguous() and ahead == _ahead_key(targets, n_classes, ignore_index)
+
+
 def start_target_check(targets: torch.Tensor, n_classes: int, ignore_index: int):
     """Begin checking that every target is a class index in [0, n_classes) or the ignore index.
 
@@ -125,7 +163,7 @@ def start_target_check(targets: torch.Tensor, n_classes: int, ignore_index: int)
     one (the Triton kernels mask the target's load; the matmuls do not use targets), and the results
     are dropped when finish_target_check raises. Skipped while a CUDA graph is captured (no host read
     there). Returns what finish_target_check takes (None when nothing is pending)."""
-    if targets.numel() == 0:
+    if targets.numel() == 0 or _checked_ahead(targets, n_classes, ignore_index):
         return None
     if targets.is_cuda:
         if torch.cuda.is_current_stream_capturing():

@@ -76,7 +76,8 @@ def _forward(pacing, kept, durations, gaps, complete=True):
     timed = pacing.timing
     if timed:
         for start, end in _copies(durations, gaps, start=random.uniform(0, 1e4)):
-            pacing.record(_Event(start), _Event(end, complete), 32 << 20)
+            pacing.record(_Event(start), _Event(end, complete), 32 << 20, "cuda:0")
+            pacing.record(_Event(-1e9), _Event(1e9), 1, "cuda:1")  # another GPU's side stream: left out
     pacing.forward_ends()
     return timed
 

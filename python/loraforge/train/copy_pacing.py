@@ -68,7 +68,7 @@ class CopyPacing:
 
     def __init__(self):
         self.forwards = 0  # forwards begun
-        self.window: list[tuple] = []  # (start event, end event, bytes) of the forward being measured
+        self.window: list[tuple] = []  # (start event, end event, bytes, device) of the forward being measured
         self.pending: list[tuple] | None = None  # the last measured forward's, read at the next forward
         self.measured = 0
         self.calm = 0
@@ -81,8 +81,11 @@ class CopyPacing:
         """Whether the forward now running is measured (its copies take timing events)."""
         return not self.done and self.forwards > SKIP_FORWARDS
 
-    def record(self, start: torch.cuda.Event, end: torch.cuda.Event, nbytes: int) -> None:
-        self.window.append((start, end, nbytes))
+    def record(self, start: torch.cuda.Event, end: torch.cuda.Event, nbytes: int, device: torch.device) -> None:
+        """One timed copy. Only the first device's copies are kept (one side stream: a model split over GPUs
+        has one per GPU, and events of two devices have no elapsed time between them)."""
+        if not self.window or self.window[0][3] == device:
+            self.window.append((start, end, nbytes, device))
 
     def forward_ends(self) -> None:
         if self.window:
@@ -95,13 +98,13 @@ class CopyPacing:
         if self.forwards > SKIP_FORWARDS + 3 * MAX_MEASURED:  # readings kept being skipped: stop timing
             self.done = True
         pending, self.pending = self.pending, None
-        if self.done or not pending or not all(end.query() for _, end, _ in pending):
+        if self.done or not pending or not all(end.query() for _, end, _, _ in pending):
             return  # (copies not yet done: the host is far ahead; this reading is skipped, never waited for)
         origin = pending[0][0]
-        intervals = [(origin.elapsed_time(start), origin.elapsed_time(end)) for start, end, _ in pending]
+        intervals = [(origin.elapsed_time(start), origin.elapsed_time(end)) for start, end, _, _ in pending]
         busy, span = side_stream_load(intervals)
         ratio = busy / span if span > 0 else 0.0
-        nbytes = sum(n for _, _, n in pending)
+        nbytes = sum(n for _, _, n, _ in pending)
         self.last = {"busy_ms": busy, "span_ms": span, "ratio": ratio, "gb_per_s": nbytes / busy / 1e6 if busy else 0.0}
         self.measured += 1
         self.decide(ratio, kept_products)

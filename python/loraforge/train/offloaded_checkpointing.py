@@ -105,7 +105,7 @@ class _Offloaded:
             self.done = torch.cuda.Event(enable_timing=timed)
             self.done.record(side)
         if timed:
-            copy_pacing.PACING.record(start, self.done, tensor.numel() * tensor.element_size())
+            copy_pacing.PACING.record(start, self.done, tensor.numel() * tensor.element_size(), tensor.device)
         self.gpu = tensor  # alive until the copy completes (see _reap)
         self.version = tensor._version  # an in-place change after this is not in the host copy
         # The tensor saved just before this one (a weak link: a graph that is dropped unused must not

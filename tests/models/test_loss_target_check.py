@@ -1,7 +1,8 @@
-"""The training loss checks its targets ahead of the backbone (ops/cross_entropy.py, targets_checked_ahead):
-bad labels still raise, the fused cross-entropy inside skips its own check of the same targets, and any
-other targets (another tensor, changed in place, other classes) are checked by the op as before. On CUDA
-(`gpu`) the check is queued once, before the forward, and the model trains on after a refusal."""
+"""LORAFORGE_CHECK_TARGETS_AHEAD=1: the training loss checks its targets ahead of the backbone
+(ops/cross_entropy.py, targets_checked_ahead). Bad labels still raise, the fused cross-entropy inside skips
+its own check of the same targets, and any other targets (another tensor, changed in place, other classes)
+are checked by the op as before. On CUDA (`gpu`) the check is queued once, before the forward, and the model
+trains on after a refusal."""
 
 import pytest
 import torch
@@ -61,8 +62,11 @@ def test_bad_targets_checked_ahead_still_raise():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_the_model_loss_checks_its_labels_once_ahead_and_refuses_bad_ones(tmp_path, device, checks, monkeypatch):
+    from loraforge.models import causal_lm_loss
+
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(causal_lm_loss, "CHECK_TARGETS_AHEAD", True)  # (LORAFORGE_CHECK_TARGETS_AHEAD=1)
     path = testing.save_tiny_model(tmp_path / "llama", arch="llama", seed=2, num_hidden_layers=2)
     model, tokenizer = load_with_adapters(path, device_map="auto" if device == "cuda" else None)
     model.train()

@@ -141,6 +141,26 @@ def test_measuring_ends_after_max_measured_and_when_turned_off(monkeypatch):
     assert "not measured (LORAFORGE_OFFLOAD_PACING=0)" in off.summary()
 
 
+def test_after_the_first_measurements_one_forward_in_recheck_every_is_measured_again(monkeypatch):
+    """Once settled with products kept, every RECHECK_EVERY-th forward is timed: a calm reading changes nothing,
+    a copy-bound one (PCIe shared with a neighbour that got busy) gives one more kind up."""
+    monkeypatch.setattr(copy_pacing, "RECHECK_EVERY", 5)
+    layers = [_Layer() for _ in range(3)]
+    kept = _kept(layers, [{"qkv", "attention"}] * 3)
+    pacing = copy_pacing.CopyPacing()
+    calm, bound = ([2.0] * 6, [0.8] * 6), ([2.0] * 6, [0.0] * 6)
+    timed = [_forward(pacing, kept, *calm) for _ in range(4)]  # settled at forward 4 by two calm readings
+    assert timed == [False, True, True, False] and pacing.settled_at == 4
+    timed = [_forward(pacing, kept, *calm) for _ in range(11)]  # forwards 5..15
+    assert [i for i, t in zip(range(5, 16), timed) if t] == [9, 14]  # 4 + 5, 4 + 10
+    # forwards 9 and 14 (calm) were read at 10 and 15: nothing given up
+    assert pacing.given_up == [] and pacing.measured == 4
+    for i in range(16, 20):
+        assert _forward(pacing, kept, *bound) == (i == 19)  # 4 + 15
+    _forward(pacing, kept, *calm)  # forward 20 reads 19, copy-bound: attention goes
+    assert pacing.given_up == ["attention"] and set().union(*kept.values()) == {"qkv"} and not pacing.exhausted
+
+
 def test_reset_starts_a_fresh_measurement():
     copy_pacing.PACING.given_up.append("qkv")
     copy_pacing.reset()

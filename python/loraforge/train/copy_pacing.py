@@ -14,11 +14,12 @@ What the side stream did is measured, with no synchronisation: in a measured for
 is bracketed by two timing events on the side stream (after it waited for the tensor's producer, and after
 the copy), and at the next forward's start, once they are complete, the copies' summed time (busy) is
 compared with the span from the first copy's start to the last's end. A side stream that waited for the
-compute stream between copies (the copies kept up) has busy well under its span (~0.8 at 55 GB/s);
+compute stream between copies (the copies kept up) has busy well under its span (~0.7 at 55 GB/s);
 one that never waited (the copies set the pace) has busy ~= span. At COPY_BOUND_RATIO or above, one
 kind of kept product is given up on every layer, the one that saves the least compute per byte first
-(DROP_ORDER), and the next forward is measured again; after two forwards under the ratio, or six
-measured, or nothing left to give up, measuring stops. Nothing is ever added back.
+(DROP_ORDER), and the next forward is measured again. After two forwards under the ratio in a row, or
+six measured, one forward in RECHECK_EVERY is measured, by the same rule; with nothing left to give up,
+measuring stops. Nothing is ever added back.
 
 LORAFORGE_OFFLOAD_PACING=0 turns it off (the products stay as configured); `summary()` says what was
 measured and given up (the benchmark's rows carry it).
@@ -38,6 +39,9 @@ DROP_ORDER = ("gate_up", "attention", "qkv")
 SKIP_FORWARDS = 1  # the first forward pins new host blocks and warms the allocator: not representative
 MAX_MEASURED = 6
 CALM_FORWARDS = 2
+# After the first measurements, one forward in this many is measured again: PCIe and host memory are shared with
+# the host's other GPUs, whose traffic comes and goes (on the 2026-12-08 host our later processes ran slower).
+RECHECK_EVERY = 25
 
 
 def side_stream_load(intervals: list[tuple[float, float]]) -> tuple[float, float]:
@@ -72,14 +76,25 @@ class CopyPacing:
         self.pending: list[tuple] | None = None  # the last measured forward's, read at the next forward
         self.measured = 0
         self.calm = 0
-        self.done = not ENABLED
+        self.settled_at: int | None = None  # the forward at which the first measurements ended
+        self.exhausted = not ENABLED  # nothing (more) to give up, or turned off: no timing at all
         self.last: dict | None = None  # the last reading: busy and span ms, their ratio, GB/s
         self.given_up: list[str] = []
 
     @property
+    def done(self) -> bool:
+        """Whether the first measurements are over (later ones come every RECHECK_EVERY forwards)."""
+        return self.exhausted or self.settled_at is not None
+
+    @property
     def timing(self) -> bool:
         """Whether the forward now running is measured (its copies take timing events)."""
-        return not self.done and self.forwards > SKIP_FORWARDS
+        if self.exhausted:
+            return False
+        if self.settled_at is None:
+            return self.forwards > SKIP_FORWARDS
+        since = self.forwards - self.settled_at
+        return since > 0 and since % RECHECK_EVERY == 0
 
     def record(self, start: torch.cuda.Event, end: torch.cuda.Event, nbytes: int, device: torch.device) -> None:
         """One timed copy. Only the first device's copies are kept (one side stream: a model split over GPUs
@@ -95,10 +110,12 @@ class CopyPacing:
         """At a forward's first copy: read the last measured forward, if its events are complete, and decide."""
         self.forwards += 1
         self.window = []
-        if self.forwards > SKIP_FORWARDS + 3 * MAX_MEASURED:  # readings kept being skipped: stop timing
-            self.done = True
         pending, self.pending = self.pending, None
-        if self.done or not pending or not all(end.query() for _, end, _, _ in pending):
+        if self.exhausted:
+            return
+        if self.settled_at is None and self.forwards > SKIP_FORWARDS + 3 * MAX_MEASURED:
+            self.settled_at = self.forwards  # readings kept being skipped (below): measure only now and then
+        if not pending or not all(end.query() for _, end, _, _ in pending):
             return  # (copies not yet done: the host is far ahead; this reading is skipped, never waited for)
         origin = pending[0][0]
         intervals = [(origin.elapsed_time(start), origin.elapsed_time(end)) for start, end, _, _ in pending]
@@ -110,16 +127,20 @@ class CopyPacing:
         self.decide(ratio, kept_products)
 
     def decide(self, ratio: float, kept_products) -> None:
-        if ratio >= COPY_BOUND_RATIO:
+        """Give one kind up on a copy-bound reading; end the first measurements after CALM_FORWARDS calm
+        readings in a row or MAX_MEASURED readings; stop timing once nothing is left to give up."""
+        bound = ratio >= COPY_BOUND_RATIO
+        if bound:
             kind = give_up_one_kind(kept_products)
             if kind is not None:
                 self.given_up.append(kind)
-            self.calm = 0
-            self.done = kind is None or not any(kept_products.values())
-        else:
-            self.calm += 1
-            self.done = self.calm >= CALM_FORWARDS
-        self.done = self.done or self.measured >= MAX_MEASURED
+        if not any(kept_products.values()):
+            self.exhausted = True
+            return
+        if self.settled_at is None:
+            self.calm = 0 if bound else self.calm + 1
+            if self.calm >= CALM_FORWARDS or self.measured >= MAX_MEASURED:
+                self.settled_at = self.forwards
 
     def summary(self) -> str:
         """One line for a benchmark row: the last reading and what was given up."""

@@ -40,7 +40,8 @@ SKIP_FORWARDS = 1  # the first forward pins new host blocks and warms the alloca
 MAX_MEASURED = 6
 CALM_FORWARDS = 2
 # After the first measurements, one forward in this many is measured again: PCIe and host memory are shared with
-# the host's other GPUs, whose traffic comes and goes (on the 2026-12-08 host our later processes ran slower).
+# the host's other GPUs, whose traffic comes and goes (the defaults took 369-423 ms in three processes on one
+# H100 host on 2026-12-08, while Unsloth's two runs there differed by 1.4%).
 RECHECK_EVERY = 25
 
 

@@ -233,10 +233,31 @@ def _host_cpu() -> str:
     return "unknown CPU"
 
 
+def pcie_gb_per_s(mib: int = 256, reps: int = 5) -> tuple[float, float]:
+    """(device-to-host, host-to-device) GB/s of `mib` MiB copies between the GPU and pinned host memory, the
+    best of `reps`, with nothing else running: what this host's PCIe and memory give the offloaded checkpoint
+    (H100 machines lent as the same kind differ; copy_pacing's reading says what the copies got under load)."""
+    device = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
+    host = torch.empty(mib << 20, dtype=torch.uint8, pin_memory=True)
+    rates = []
+    for dst, src in ((host, device), (device, host)):
+        best = float("inf")
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        rates.append((mib << 20) / best / 1e6)
+    return rates[0], rates[1]
+
+
 def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False,
                 cprofile: bool = False) -> dict:
     if impl == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
+    pcie = pcie_gb_per_s()  # before the model: nothing else on the GPU yet
     torch.cuda.reset_peak_memory_stats()
     model = load(impl, folder, seq)
     load_peak = torch.cuda.max_memory_allocated() / 2**30
@@ -289,7 +310,8 @@ def run_variant(impl: str, folder: str, batch: int, seq: int, steps: int, warmup
               "step_ms": [round(1e3 * (b - a), 1) for a, b in zip(marks[warmup - 1 :], marks[warmup:])] if warmup else [],
               # Per timed step, host ms spent issuing the forward / backward / optimizer, then waiting for the
               # GPU to finish the step: a wait near 0 means the GPU waited for the host instead.
-              "host_phases_ms": [[round(1e3 * t, 1) for t in p] for p in phases[warmup:]]}  # fmt: skip
+              "host_phases_ms": [[round(1e3 * t, 1) for t in p] for p in phases[warmup:]],
+              "pcie_gb_per_s": [round(rate, 1) for rate in pcie]}  # fmt: skip
     if impl == "loraforge":  # whether the forward's copies to host kept up, and what that cost
         from loraforge.train import copy_pacing
 
@@ -400,7 +422,9 @@ def main() -> None:
                              f"fused AdamW; allocator over the timed steps: {_allocator_note(r.get('allocator'))}; "
                              f"garbage collections over them: {r.get('gc', '?')}; host {cpu}"
                              + _step_spread(r.get("step_ms")) + _host_phases(r.get("host_phases_ms"))
-                             + (f"; {r['copy_pacing']}" if r.get("copy_pacing") else "") + settings})  # fmt: skip
+                             + (f"; {r['copy_pacing']}" if r.get("copy_pacing") else "")
+                             + ("; PCIe before loading: {} GB/s to host, {} back".format(*r["pcie_gb_per_s"])
+                                if r.get("pcie_gb_per_s") else "") + settings})  # fmt: skip
     harness.write_rows("train_step", rows, args.out)
     harness.print_table(rows)
 

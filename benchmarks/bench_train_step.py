@@ -250,6 +250,8 @@ def pcie_gb_per_s(mib: int = 256, reps: int = 5) -> tuple[float, float]:
             end.synchronize()
             best = min(best, start.elapsed_time(end))
         rates.append((mib << 20) / best / 1e6)
+    del device
+    torch.cuda.empty_cache()  # (the probe's segment must not stay cached for the step's allocations to reuse)
     return rates[0], rates[1]
 
 
